@@ -1,0 +1,36 @@
+# rebalab: the two commands a user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup image demo test test-unit test-e2e bench clean
+
+help:
+	@echo "make demo   - set up (apt packages, venv, guest image) and run the default hot-plug cycle"
+	@echo "make test   - set up and run the whole test suite (unit + end-to-end under QEMU)"
+	@echo "make bench  - run the benchmarks and print figures"
+	@echo "make image  - (re)build the built-in Linux guest image if its inputs changed"
+
+setup:
+	@bash scripts/setup.sh
+
+image: setup
+
+demo: setup
+	$(VENV)/bin/rebalab demo
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/hotplug.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Guest agents: one interface, one implementation per transport and shell."""

@@ -1,0 +1,87 @@
+"""The agent interface every guest transport implements.
+
+A command is always built by the agent's ``Shell`` from an argument list (or, for
+PowerShell, a script plus named parameters), never by pasting user values into a
+string, so a hostile device name or path arrives in the guest as data.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: str
+    exit_status: int
+    stdout: str
+    stderr: str
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+    def check(self) -> CommandResult:
+        from lab.errors import AgentError
+
+        if not self.ok:
+            tail = (self.stderr or self.stdout).strip().splitlines()[-3:]
+            raise AgentError(
+                f"guest command failed with status {self.exit_status}: {self.command!r}"
+                + (f": {' | '.join(tail)}" if tail else "")
+            )
+        return self
+
+
+class Shell(abc.ABC):
+    """Quoting rules of the guest's shell."""
+
+    name: str
+
+    @abc.abstractmethod
+    def quote(self, value: str) -> str:
+        """One value as a literal of this shell."""
+
+    def join(self, argv: Sequence[str]) -> str:
+        return " ".join(self.quote(a) for a in argv)
+
+
+class Agent(abc.ABC):
+    """A connection to a guest."""
+
+    shell: Shell
+
+    @abc.abstractmethod
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the guest answers a trivial command, or raise DeadlineExceeded."""
+
+    @abc.abstractmethod
+    def run(self, command: str, timeout: float | None = None) -> CommandResult:
+        """Run a command line already built with ``self.shell``."""
+
+    def run_argv(self, argv: Sequence[str], timeout: float | None = None) -> CommandResult:
+        return self.run(self.shell.join(argv), timeout=timeout)
+
+    @abc.abstractmethod
+    def stream(self, command: str) -> Iterator[str]:
+        """Run a long-lived command and yield its stdout line by line until it ends or
+        ``close()`` is called."""
+
+    @abc.abstractmethod
+    def put(self, local: Path, remote: str) -> None: ...
+
+    @abc.abstractmethod
+    def get(self, remote: str, local: Path) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

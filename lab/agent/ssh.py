@@ -1,0 +1,220 @@
+"""SSH agent on paramiko, for the built-in Linux guest (dropbear) and Windows OpenSSH.
+
+The guest's host key is pinned from the image (no auto-accept: RejectPolicy), the
+client key comes from the image directory, and passwords are never used. Dropbear in
+the built-in guest has no SFTP server, so files move through ``cat`` on an exec
+channel, which works on every POSIX guest.
+"""
+
+from __future__ import annotations
+
+import io
+import select
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import paramiko
+
+from lab.agent.base import Agent, CommandResult, Shell
+from lab.agent.posix import PosixShell
+from lab.deadline import Deadline, seconds
+from lab.errors import AgentError, DeadlineExceeded
+
+
+def load_host_key(line: str) -> paramiko.PKey:
+    """A public key from an OpenSSH ``type base64 [comment]`` line."""
+    parts = line.split()
+    if len(parts) < 2:
+        raise AgentError(f"cannot read pinned host key {line!r}")
+    return paramiko.PKey.from_type_string(parts[0], __import__("base64").b64decode(parts[1]))
+
+
+class SshAgent(Agent):
+    def __init__(self, host: str, port: int, user: str, key_path: Path, host_key: str, *,
+                 shell: Shell | None = None,
+                 wrap: Callable[[str], str] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.user = user
+        self.key_path = key_path
+        self.host_key = host_key
+        self.shell = shell or PosixShell()
+        self._wrap = wrap or (lambda c: c)
+        self._log = log or (lambda m: None)
+        self._client: paramiko.SSHClient | None = None
+
+    # ---- connection --------------------------------------------------------------
+    def _connect_once(self, timeout: float) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        hk = load_host_key(self.host_key)
+        name = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        client.get_host_keys().add(name, hk.get_name(), hk)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        pkey = paramiko.PKey.from_path(str(self.key_path))
+        client.connect(self.host, self.port, username=self.user, pkey=pkey, timeout=timeout,
+                       banner_timeout=timeout, auth_timeout=timeout, allow_agent=False,
+                       look_for_keys=False)
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(5)
+        return client
+
+    def wait_ready(self, timeout: float) -> None:
+        """Connect with retries (the guest's sshd may not listen yet), then prove an exec works.
+
+        The first exec on a fresh connection has been seen to fail with "Channel
+        closed" (PLATFORM.md), so the probe command is retried too.
+        """
+        dl = Deadline(f"SSH to {self.user}@{self.host}:{self.port}", timeout)
+        delay = 0.05
+        last = "no attempt"
+        while True:
+            try:
+                if self._client is None:
+                    self._client = self._connect_once(max(0.5, min(5.0, dl.remaining())))
+                self.run("true", timeout=max(0.5, min(5.0, dl.remaining()))).check()
+                self._log(f"ssh ready {self.host}:{self.port}")
+                return
+            except paramiko.BadHostKeyException as exc:
+                raise AgentError(f"the guest's SSH host key does not match the key pinned from the "
+                                 f"image ({exc}); rebuild the image or check you reach the right VM"
+                                 ) from None
+            except paramiko.AuthenticationException as exc:
+                raise AgentError(f"SSH authentication to the guest failed with the image's key: "
+                                 f"{exc}") from None
+            except (OSError, paramiko.SSHException, EOFError, AgentError,
+                    DeadlineExceeded) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                self._drop()
+            if dl.expired():
+                raise DeadlineExceeded(dl.what, timeout, last)
+            time.sleep(min(delay, dl.remaining()))
+            delay = min(delay * 1.5, 0.5)
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
+            self._client = None
+
+    def _transport(self) -> paramiko.Transport:
+        if self._client is None:
+            raise AgentError("SSH agent is not connected; call wait_ready() first")
+        t = self._client.get_transport()
+        if t is None or not t.is_active():
+            raise AgentError("the SSH connection to the guest is closed (did the guest die?)")
+        return t
+
+    # ---- commands -----------------------------------------------------------------
+    def open(self, command: str) -> paramiko.Channel:
+        """Start ``command`` and return its channel (for callers that pipeline waits)."""
+        try:
+            chan = self._transport().open_session(timeout=5)
+            chan.exec_command(self._wrap(command))
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise AgentError(f"could not start guest command {command!r}: {exc}") from exc
+        return chan
+
+    def _drain(self, chan: paramiko.Channel, what: str, timeout: float,
+               stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
+        """Read a started command to its end under a deadline: (status, stdout, stderr)."""
+        dl = Deadline(what, timeout)
+        out, err = io.BytesIO(), io.BytesIO()
+        if stdin is not None:
+            try:
+                chan.sendall(stdin)
+                chan.shutdown_write()
+            except OSError as exc:
+                raise AgentError(f"could not send input to {what}: {exc}") from exc
+        try:
+            while True:
+                while chan.recv_ready():
+                    out.write(chan.recv(65536))
+                while chan.recv_stderr_ready():
+                    err.write(chan.recv_stderr(65536))
+                if chan.exit_status_ready() and not chan.recv_ready() \
+                        and not chan.recv_stderr_ready():
+                    break
+                if chan.closed and not chan.recv_ready():
+                    break
+                if dl.expired():
+                    raise DeadlineExceeded(dl.what, timeout,
+                                           (out.getvalue() or err.getvalue())[-200:].decode(
+                                               "utf-8", "replace") or None)
+                select.select([chan], [], [], min(0.05, max(0.001, dl.remaining())))
+            status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        finally:
+            chan.close()
+        return status, out.getvalue(), err.getvalue()
+
+    def collect(self, chan: paramiko.Channel, command: str, timeout: float,
+                t0: float | None = None, stdin: bytes | None = None) -> CommandResult:
+        """Read a started command to its end under a deadline."""
+        t0 = time.monotonic() if t0 is None else t0
+        status, out, err = self._drain(chan, f"guest command {command!r}", timeout, stdin)
+        return CommandResult(command, status, out.decode("utf-8", "replace"),
+                             err.decode("utf-8", "replace"), time.monotonic() - t0)
+
+    def run(self, command: str, timeout: float | None = None, *,
+            stdin: bytes | None = None) -> CommandResult:
+        timeout = timeout if timeout is not None else seconds("guest_command")
+        t0 = time.monotonic()
+        return self.collect(self.open(command), command, timeout, t0, stdin)
+
+    def stream(self, command: str) -> Iterator[str]:
+        """Yield stdout lines of a long-running command as they come.
+
+        The generator ends when the command exits or the connection drops; what was
+        received until then has been yielded, so a guest that dies mid-run loses
+        nothing already sent.
+        """
+        chan = self.open(command)
+        buf = b""
+        try:
+            while True:
+                r, _, _ = select.select([chan], [], [], 0.5)
+                if chan.recv_ready():
+                    data = chan.recv(65536)
+                    if not data:
+                        break
+                    buf += data
+                    *lines, buf = buf.split(b"\n")
+                    for ln in lines:
+                        yield ln.decode("utf-8", "replace")
+                elif chan.exit_status_ready() or chan.closed:
+                    if not chan.recv_ready():
+                        break
+                if self._client is None or not self._transport_alive():
+                    break
+        except (OSError, socket.error, AgentError):
+            pass
+        finally:
+            if buf:
+                yield buf.decode("utf-8", "replace")
+            chan.close()
+
+    def _transport_alive(self) -> bool:
+        t = self._client.get_transport() if self._client else None
+        return bool(t and t.is_active())
+
+    # ---- files --------------------------------------------------------------------
+    def put(self, local: Path, remote: str) -> None:
+        data = Path(local).read_bytes()
+        cmd = f"cat > {self.shell.quote(remote)}"
+        self.run(cmd, stdin=data).check()
+
+    def get(self, remote: str, local: Path) -> None:
+        status, data, err = self._drain(self.open(self.shell.join(["cat", remote])),
+                                        f"copy {remote} from the guest", seconds("guest_command"))
+        if status != 0:
+            raise AgentError(f"could not read {remote} in the guest: "
+                             f"{err.decode(errors='replace').strip()}")
+        Path(local).write_bytes(data)
+
+    def close(self) -> None:
+        self._drop()

@@ -1,0 +1,220 @@
+"""`rebalab` command line.
+
+Exit status (DESIGN.md): 0 passed, 1 the driver/guest broke a rule, 2 the lab could
+not do its job (bad input, QEMU or agent failure), 130 interrupted. Bad arguments are
+caught here, before any VM starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lab import __version__
+from lab.errors import Interrupted, LabError
+from lab.signals import graceful
+from vdevice.errors import SpecError
+from vdevice.topology import HotplugMode
+
+EXIT_OK, EXIT_FAIL, EXIT_LAB, EXIT_INT = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # exit status 2 with our wording, not argparse's
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _console(stderr: bool = False):  # type: ignore[no-untyped-def]
+    from rich.console import Console
+    return Console(stderr=stderr, highlight=False)
+
+
+def _progress_printer() -> Callable[[str], None]:
+    con = _console()
+    t0 = time.monotonic()
+
+    def show(msg: str) -> None:
+        con.print(f"[dim]{time.monotonic() - t0:7.2f}s[/dim] {msg}")
+    return show
+
+
+def _modes(value: str) -> list[HotplugMode]:
+    if value == "both":
+        return [HotplugMode.ACPI, HotplugMode.NATIVE]
+    try:
+        return [HotplugMode(value)]
+    except ValueError:
+        raise UsageError(f"--mode must be acpi, native or both, not {value!r}") from None
+
+
+# ---- commands --------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lab.demo import run_demo
+
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    if args.cycles < 1:
+        raise UsageError("--cycles must be at least 1")
+    result = run_demo(models, _modes(args.mode), cycles=args.cycles, runs_root=Path(args.runs),
+                      accel=args.accel, progress=_progress_printer())
+    _print_demo(result)
+    return result.exit_code
+
+
+def _print_demo(result) -> None:  # type: ignore[no-untyped-def]
+    from rich.table import Table
+
+    con = _console()
+    for m in result.machines:
+        acc = m.get("accelerator") or {}
+        con.print(f"QEMU {m['qemu']['version']} · accelerator [bold]{acc.get('name')}[/bold] "
+                  f"({acc.get('reason')}) · hot-plug mode {m['topology']['hotplug_mode']}")
+    table = Table(title="hot-plug cycle")
+    for col in ("mode", "step", "model", "result", "host-timed (ms)", "detail"):
+        table.add_column(col, justify="right" if "ms" in col else "left")
+    for s in result.steps:
+        detail = (f"bdf {s['bdf']}, device_add {s['device_add_ms']} ms" if s["step"] == "plug"
+                  else f"QEMU gone {s['qemu_ms']} ms via {s['evidence']}" if s["step"] == "unplug"
+                  else s.get("accel", ""))
+        table.add_row(s["mode"], s["step"], s.get("model", ""),
+                      "ok" if s["ok"] else "FAILED", f"{s['ms']:.1f}", detail or "")
+    con.print(table)
+    style = "green" if result.status == "passed" else "red"
+    con.print(f"[{style}]{result.status.upper()}[/{style}]"
+              + (f" (stopped at: {result.stopped_at})" if result.stopped_at else ""))
+    if result.error:
+        con.print(f"[red]error:[/red] {result.error}")
+    con.print(f"run directory: {result.run_dir}")
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    """Boot and keep the VM until Ctrl-C, printing how to reach it."""
+    from lab.image import GuestImage
+    from lab.machine import Machine
+    from lab.rundir import RunDir
+    from vdevice.presets import default_topology
+
+    mode = _modes(args.mode)
+    if len(mode) != 1:
+        raise UsageError("boot takes one --mode")
+    image = GuestImage.load()
+    run = RunDir(Path(args.runs), "boot")
+    show = _progress_printer()
+    machine = Machine(default_topology(mode[0]), run, image=image, accel=args.accel)
+    try:
+        show("booting the guest…")
+        machine.start()
+        acc = machine.accel
+        show(f"guest ready in {machine.timings['boot_to_agent_s']:.2f}s under "
+             f"{acc.name if acc else '?'} ({acc.reason if acc else ''})")
+        print(f"\n  ssh -i {image.ssh_key} -p {machine.ssh_port} -o UserKnownHostsFile=/dev/null "
+              f"-o StrictHostKeyChecking=no root@127.0.0.1\n"
+              f"  (the lab itself pins the guest key from {image.file('host_key.pub')})\n"
+              f"  QMP socket: {machine.private / 'qmp.sock'} (the lab holds the QMP connection)\n"
+              f"  artifacts: {run.path}\n\nPress Ctrl-C to stop the VM.")
+        while machine.process is not None and machine.process.alive():
+            time.sleep(0.5)
+        show("QEMU exited")
+        return EXIT_OK
+    except (KeyboardInterrupt, Interrupted):
+        show("stopping…")
+        return EXIT_INT
+    finally:
+        machine.stop()
+        run.close()
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from lab import qemu_caps
+    from vdevice.catalog import MODELS, unavailable_reason
+
+    inv = qemu_caps.probe()
+    if args.json:
+        print(json.dumps([{**m.to_json(), "available": unavailable_reason(m, inv) is None}
+                          for m in MODELS.values()], indent=2))
+        return EXIT_OK
+    table = Table(title=f"device models (QEMU {inv.version_str})")
+    for col in ("QEMU device", "role", "PCI id", "Windows hardware id", "Linux driver",
+                "hot-plug", "available"):
+        table.add_column(col)
+    for m in MODELS.values():
+        why = unavailable_reason(m, inv)
+        table.add_row(m.driver, m.role.value, m.pci_id or "-", m.windows_hwid or "-",
+                      m.linux_driver or "-", "yes" if m.hotpluggable else "no",
+                      "yes" if why is None else f"no: {why}")
+    _console().print(table)
+    return EXIT_OK
+
+
+# ---- parser ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rebalab", description="Reproduce PCI hot-plug and PnP rebalance bugs "
+                "of audio drivers on virtual hardware (QEMU + QMP).")
+    p.add_argument("--version", action="version", version=f"rebalab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None,
+                        help="accelerator (default auto: KVM if a probe boot works, else TCG)")
+        sp.add_argument("--runs", default=os.environ.get("REBALAB_RUNS", "runs"),
+                        help="where run directories go (default ./runs)")
+
+    d = sub.add_parser("demo", help="boot the built-in guest and run the default hot-plug cycle")
+    d.add_argument("--model", default="ich9-intel-hda,AC97",
+                   help="comma-separated audio models to cycle (default ich9-intel-hda,AC97)")
+    d.add_argument("--mode", default="acpi", help="hot-plug mode: acpi, native or both")
+    d.add_argument("--cycles", type=int, default=1, help="plug/unplug cycles per model")
+    common(d)
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("boot", help="boot the built-in guest and keep it for interactive use")
+    b.add_argument("--mode", default="acpi", help="hot-plug mode: acpi or native")
+    common(b)
+    b.set_defaults(func=cmd_boot)
+
+    m = sub.add_parser("models", help="list the device models and what the installed QEMU offers")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EXIT_LAB
+        if getattr(args, "accel", None) == "auto":
+            args.accel = None
+        with graceful():
+            return int(args.func(args))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_LAB
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_LAB
+    except (KeyboardInterrupt, Interrupted):
+        print("interrupted", file=sys.stderr)
+        return EXIT_INT
+    except LabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Device operations: hot-plug and unplug, each waited for on both sides and timed.
+
+Waits are driven by evidence, never fixed sleeps: QMP's DEVICE_DELETED where the
+model emits it, QOM otherwise (ich9-intel-hda in QEMU 7.2 emits none); in the guest,
+a small waiter loop started over SSH *before* the host acts, so the guest-side
+detection costs one SSH round trip in total instead of one per poll.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from lab.deadline import poll, seconds
+from lab.errors import AgentError, LabError, QemuError
+from lab.events import DeviceId, Event, Kind, Source
+from lab.machine import AUDIODEV_ID, Machine
+from vdevice import topology as topo_mod
+from vdevice.topology import Device, HotplugMode, Placement
+
+_POLL_US = 2000  # guest waiter granularity
+
+
+@dataclass
+class OperationResult:
+    name: str
+    device: str
+    model: str
+    started_ns: int
+    ok: bool = True
+    durations_ms: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- PCI addresses -------------------------------------------------------------------
+
+def _walk(devices: list[dict[str, Any]]) -> Any:
+    for d in devices:
+        yield d
+        br = d.get("pci_bridge")
+        if br:
+            yield from _walk(br.get("devices", []))
+
+
+def query_pci(m: Machine) -> list[dict[str, Any]]:
+    assert m.qmp is not None
+    return list(m.qmp.execute("query-pci"))
+
+
+def port_secondary_bus(m: Machine, port_id: str) -> int:
+    """The bus number the guest (or firmware) gave the port's secondary side."""
+    for bus in query_pci(m):
+        for d in _walk(bus.get("devices", [])):
+            if d.get("qdev_id") == port_id and d.get("pci_bridge"):
+                sec = int(d["pci_bridge"]["bus"]["secondary"])
+                if sec == 0:
+                    raise LabError(f"port {port_id!r} has no bus number yet (guest not booted?)")
+                return sec
+    raise LabError(f"port {port_id!r} not found in query-pci")
+
+
+def guest_bdf(m: Machine, port_id: str) -> str:
+    """A PCIe port has one slot: the device below it is function 0 of device 0."""
+    return f"0000:{port_secondary_bus(m, port_id):02x}:00.0"
+
+
+def device_bdf_from_qemu(m: Machine, qom_id: str) -> str | None:
+    for bus in query_pci(m):
+        for d in _walk(bus.get("devices", [])):
+            if d.get("qdev_id") == qom_id:
+                return f"0000:{int(d['bus']):02x}:{int(d['slot']):02x}.{int(d['function'])}"
+    return None
+
+
+def qom_has(m: Machine, qom_id: str) -> bool:
+    assert m.qmp is not None
+    items = m.qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    return any(i.get("name") == qom_id for i in items)
+
+
+# ---- guest waiters -------------------------------------------------------------------
+
+def _waiter_bound(m: Machine, bdf: str, driver: str, timeout: float) -> str:
+    sh = m.agent.shell  # type: ignore[union-attr]
+    n = int(timeout * 1_000_000 / _POLL_US) + 1
+    return (f"d=/sys/bus/pci/devices/{sh.quote(bdf)}; want={sh.quote(driver)}; i=0; "
+            f"while [ $i -lt {n} ]; do l=$(readlink \"$d/driver\" 2>/dev/null) && "
+            f"[ \"${{l##*/}}\" = \"$want\" ] && {{ echo bound \"${{l##*/}}\"; exit 0; }}; "
+            f"usleep {_POLL_US}; i=$((i+1)); done; "
+            f"echo \"not bound: driver=$(readlink \"$d/driver\" 2>/dev/null || echo none)\"; exit 3")
+
+
+def _waiter_gone(m: Machine, bdf: str, timeout: float) -> str:
+    sh = m.agent.shell  # type: ignore[union-attr]
+    n = int(timeout * 1_000_000 / _POLL_US) + 1
+    return (f"d=/sys/bus/pci/devices/{sh.quote(bdf)}; i=0; "
+            f"while [ $i -lt {n} ]; do [ -e \"$d\" ] || {{ echo gone; exit 0; }}; "
+            f"usleep {_POLL_US}; i=$((i+1)); done; echo still present; exit 3")
+
+
+def _record(m: Machine, kind: Kind, dev: Device, bdf: str | None, **data: Any) -> int:
+    t = time.time_ns()
+    m.run.record(Event(t, Source.HOST_LAB, kind, DeviceId(qom=dev.id, bdf=bdf), data=data))
+    return t
+
+
+# ---- operations ----------------------------------------------------------------------
+
+def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
+         timeout: float | None = None) -> OperationResult:
+    """Hot-plug ``dev`` and wait until its Linux driver is bound in the guest."""
+    m.require_running()
+    assert m.qmp is not None and m.agent is not None
+    model = dev.catalog()
+    timeout = timeout if timeout is not None else seconds("driver_bound")
+    if dev.id in m.present:
+        raise LabError(f"{dev.id} is already plugged; unplug it first")
+    # validate against what is really in the machine now, plus the newcomer
+    current = replace(m.topology, devices=tuple(d for d in m.topology.devices
+                                                if d.id in m.present) + (dev,))
+    topo_mod.validate(current, m.inventory)
+    res = OperationResult("plug", dev.id, model.driver, time.time_ns())
+    bdf = guest_bdf(m, dev.port)
+    res.details["bdf"] = bdf
+    chan = None
+    expect = model.linux_driver
+    if wait_bound and expect:
+        cmd = _waiter_bound(m, bdf, expect, timeout)
+        chan = m.agent.open(cmd)
+    try:
+        if topo_mod.needs_memdev(dev):
+            m.qmp.execute("object-add", topo_mod.memdev_object(dev))
+        payload = topo_mod.device_add_payload(dev, audiodev=AUDIODEV_ID)
+        t0 = time.monotonic()
+        t0_ns = _record(m, Kind.HOTPLUG_REQUEST, dev, bdf, payload=payload)
+        res.started_ns = t0_ns
+        m.qmp.execute("device_add", payload)
+        res.durations_ms["device_add"] = (time.monotonic() - t0) * 1e3
+        m.present.add(dev.id)
+        m.topology = m.topology.with_device(replace(dev, placement=Placement.HOT))
+        if chan is not None:
+            r = m.agent.collect(chan, "wait for driver bound", timeout + 5)
+            chan = None
+            if r.exit_status != 0:
+                raise AgentError(f"{dev.id} ({model.driver}) at {bdf}: {expect} did not bind "
+                                 f"within {timeout:.1f}s ({r.stdout.strip() or r.stderr.strip()}); "
+                                 "see dmesg.txt and console.log")
+            res.durations_ms["bound"] = (time.monotonic() - t0) * 1e3
+            _record(m, Kind.BOUND, dev, bdf, driver=expect,
+                    after_ms=res.durations_ms["bound"])
+        m.run.log(f"plug {dev.id} ({model.driver}) into {dev.port} at {bdf}: "
+                  + ", ".join(f"{k} {v:.1f} ms" for k, v in res.durations_ms.items()))
+        return res
+    except BaseException as exc:
+        res.ok = False
+        res.error = str(exc)
+        raise
+    finally:
+        if chan is not None:
+            chan.close()
+
+
+def unplug(m: Machine, dev_id: str, *, timeout: float | None = None) -> OperationResult:
+    """Unplug and wait until the device is gone from QEMU and from the guest."""
+    m.require_running()
+    assert m.qmp is not None and m.agent is not None
+    if dev_id not in m.present:
+        raise LabError(f"{dev_id} is not plugged in (present: {', '.join(sorted(m.present)) or 'none'})")
+    dev = m.topology.device(dev_id)
+    model = dev.catalog()
+    native = m.topology.hotplug_mode == HotplugMode.NATIVE
+    timeout = timeout if timeout is not None else seconds(
+        "native_unplug" if native else "device_deleted")
+    res = OperationResult("unplug", dev.id, model.driver, time.time_ns())
+    bdf = device_bdf_from_qemu(m, dev.id)
+    res.details["bdf"] = bdf
+    chan = m.agent.open(_waiter_gone(m, bdf, timeout)) if bdf else None
+    try:
+        cursor = m.qmp.cursor()
+        t0 = time.monotonic()
+        res.started_ns = _record(m, Kind.UNPLUG_REQUEST, dev, bdf)
+        m.qmp.execute("device_del", {"id": dev.id})
+        if model.emits_device_deleted:
+            m.qmp.wait_event("DEVICE_DELETED", after=cursor, timeout=timeout,
+                             match=lambda ev: (ev.get("data") or {}).get("device") == dev.id,
+                             what=f"DEVICE_DELETED for {dev.id}")
+            res.details["qemu_evidence"] = "DEVICE_DELETED"
+        else:
+            poll(f"{dev.id} to leave QOM /machine/peripheral", timeout,
+                 lambda: True if not qom_has(m, dev.id) else None)
+            res.details["qemu_evidence"] = "qom-list"
+            _record(m, Kind.DEVICE_DELETED, dev, bdf, evidence="qom-list")
+        res.durations_ms["qemu_gone"] = (time.monotonic() - t0) * 1e3
+        if chan is not None:
+            r = m.agent.collect(chan, "wait for the device to leave the guest", timeout + 5)
+            chan = None
+            if r.exit_status != 0:
+                raise AgentError(f"{dev.id} at {bdf} is still present in the guest "
+                                 f"{timeout:.1f}s after QEMU deleted it")
+            res.durations_ms["guest_gone"] = (time.monotonic() - t0) * 1e3
+            _record(m, Kind.UNBOUND, dev, bdf, after_ms=res.durations_ms["guest_gone"])
+        if topo_mod.needs_memdev(dev):
+            m.qmp.execute("object-del", {"id": topo_mod.memdev_id(dev)})
+        m.present.discard(dev.id)
+        m.run.log(f"unplug {dev.id}: " + ", ".join(f"{k} {v:.1f} ms"
+                                                  for k, v in res.durations_ms.items()))
+        return res
+    except BaseException as exc:
+        res.ok = False
+        res.error = str(exc)
+        raise
+    finally:
+        if chan is not None:
+            chan.close()
+
+
+def guest_driver(m: Machine, bdf: str) -> str | None:
+    """The driver bound to ``bdf`` in the guest right now, or None."""
+    assert m.agent is not None
+    r = m.agent.run_argv(["readlink", f"/sys/bus/pci/devices/{bdf}/driver"], timeout=10)
+    return r.stdout.strip().rsplit("/", 1)[-1] if r.ok and r.stdout.strip() else None
+
+
+__all__ = ["OperationResult", "plug", "unplug", "guest_bdf", "guest_driver", "query_pci",
+           "QemuError"]

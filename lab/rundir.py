@@ -1,0 +1,87 @@
+"""The run directory: every artifact of one run, readable without the tool.
+
+``path`` (under ``runs/``) keeps artifacts forever. Sockets do not live here: each
+machine makes its own private 0700 directory under the system temp dir (short enough
+for AF_UNIX's 108-byte limit) and deletes it when it stops (see ``lab.machine``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lab.events import Event
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+
+
+def iso(t_ns: int) -> str:
+    return dt.datetime.fromtimestamp(t_ns / 1e9, tz=dt.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class RunDir:
+    def __init__(self, root: Path, name: str, *, path: Path | None = None) -> None:
+        if path is None:
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            path = Path(root) / f"{stamp}-{_slug(name)}"
+            n = 1
+            while path.exists():
+                n += 1
+                path = Path(root) / f"{stamp}-{_slug(name)}-{n}"
+        self.path = path
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._log = open(self.path / "lab.log", "a", buffering=1, encoding="utf-8")
+        self._events = open(self.path / "events.jsonl", "a", buffering=1, encoding="utf-8")
+        self._seq = 0
+
+    # ---- logs -----------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        """One readable line per event, timestamped, in lab.log."""
+        line = f"{iso(time.time_ns())} {message}"
+        with self._lock:
+            if not self._log.closed:
+                self._log.write(line + "\n")
+
+    def record(self, event: Event) -> Event:
+        """Append a host-observed event to events.jsonl (raw, before alignment)."""
+        with self._lock:
+            self._seq += 1
+            if not self._events.closed:
+                self._events.write(event.dumps() + "\n")
+        return event
+
+    def write_json(self, rel: str, data: Any) -> Path:
+        p = self.path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.replace(p)
+        return p
+
+    def write_text(self, rel: str, text: str) -> Path:
+        p = self.path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        return p
+
+    def close(self) -> None:
+        """Close the logs. Idempotent."""
+        with self._lock:
+            for f in (self._log, self._events):
+                if not f.closed:
+                    f.close()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

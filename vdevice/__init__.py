@@ -1,0 +1,1 @@
+"""The virtual hardware as data: device models, topology, window arithmetic. No I/O."""

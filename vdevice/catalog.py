@@ -1,0 +1,136 @@
+"""The QEMU PCI devices the lab knows, with the facts a driver engineer needs.
+
+Each entry says how QEMU names the device, what the guest sees (PCI ids, the
+Windows hardware id an INF matches, the Linux driver that binds), and the QEMU 7.2
+quirks the lab must work around (PLATFORM.md): ``ich9-intel-hda`` never emits
+DEVICE_DELETED, HDA codecs cannot be hot-plugged. Availability is not assumed:
+``available_models`` filters by what the installed QEMU lists.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from enum import Enum
+
+from vdevice.errors import SpecError
+from vdevice.inventory import QemuInventory
+
+
+class Role(str, Enum):
+    AUDIO = "audio"          # a device under test
+    CODEC = "codec"          # an HDA codec, a child of an HDA controller
+    PRESSURE = "pressure"    # exists only to need resources
+    TEST = "test"            # a device for the lab's own test driver
+
+
+@dataclass(frozen=True)
+class Bar:
+    index: int
+    kind: str          # "mem32", "mem64-pref", "io"
+    size: int | None   # None: set by a property (membar, memdev)
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    driver: str                       # QEMU's -device name
+    role: Role
+    title: str
+    vendor_id: int | None = None
+    device_id: int | None = None
+    linux_driver: str | None = None   # the driver whose link appears in sysfs
+    linux_module: str | None = None
+    hotpluggable: bool = True
+    emits_device_deleted: bool = True
+    bus_kind: str = "pci"             # "pci" or "hda"
+    bars: tuple[Bar, ...] = ()
+    min_qemu: tuple[int, int, int] | None = None
+    audio_backend: bool = False       # takes audiodev=
+    quirks: tuple[str, ...] = ()
+    codecs: tuple[str, ...] = ()      # codec models this controller can carry
+    defaults: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pci_id(self) -> str | None:
+        if self.vendor_id is None or self.device_id is None:
+            return None
+        return f"{self.vendor_id:04x}:{self.device_id:04x}"
+
+    @property
+    def windows_hwid(self) -> str | None:
+        """The hardware id Windows builds for it; an INF's models section matches this."""
+        if self.vendor_id is None or self.device_id is None:
+            return None
+        return f"PCI\\VEN_{self.vendor_id:04X}&DEV_{self.device_id:04X}"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "driver": self.driver, "role": self.role.value, "title": self.title,
+            "pci_id": self.pci_id, "windows_hwid": self.windows_hwid,
+            "linux_driver": self.linux_driver, "hotpluggable": self.hotpluggable,
+            "emits_device_deleted": self.emits_device_deleted, "quirks": list(self.quirks),
+        }
+
+
+_HDA_QUIRKS = (
+    "QEMU 7.2 emits no DEVICE_DELETED for the controller (only for its codec); "
+    "removal is detected from QOM",
+    "HDA codecs cannot be hot-plugged: a hot-plugged controller has no codec and the "
+    "Linux driver logs 'no codecs found!'; place it cold with a codec for audio",
+)
+
+MODELS: dict[str, DeviceModel] = {m.driver: m for m in (
+    DeviceModel("ich9-intel-hda", Role.AUDIO, "Intel ICH9 HD Audio controller", 0x8086, 0x293E,
+                "snd_hda_intel", "snd_hda_intel", emits_device_deleted=False,
+                bars=(Bar(0, "mem32", 0x4000),), quirks=_HDA_QUIRKS,
+                codecs=("hda-duplex", "hda-output", "hda-micro")),
+    DeviceModel("intel-hda", Role.AUDIO, "Intel ICH6 HD Audio controller", 0x8086, 0x2668,
+                "snd_hda_intel", "snd_hda_intel", emits_device_deleted=False,
+                bars=(Bar(0, "mem32", 0x4000),), quirks=_HDA_QUIRKS,
+                codecs=("hda-duplex", "hda-output", "hda-micro")),
+    DeviceModel("AC97", Role.AUDIO, "Intel 82801AA AC'97 audio", 0x8086, 0x2415,
+                "snd_intel8x0", "snd_intel8x0", audio_backend=True,
+                bars=(Bar(0, "io", 0x100), Bar(1, "io", 0x40))),
+    DeviceModel("ES1370", Role.AUDIO, "Ensoniq AudioPCI ES1370", 0x1274, 0x5000,
+                "snd_ens1370", "snd_ens1370", audio_backend=True, bars=(Bar(0, "io", 0x40),)),
+    DeviceModel("virtio-sound-pci", Role.AUDIO, "virtio sound", 0x1AF4, 0x1059,
+                "virtio-pci", "virtio_snd", audio_backend=True, min_qemu=(8, 2, 0),
+                bars=(Bar(4, "mem64-pref", 0x4000),)),
+    DeviceModel("hda-duplex", Role.CODEC, "HDA codec: line out + line in", bus_kind="hda",
+                hotpluggable=False, audio_backend=True, defaults={"mixer": "off"}),
+    DeviceModel("hda-output", Role.CODEC, "HDA codec: line out", bus_kind="hda",
+                hotpluggable=False, audio_backend=True, defaults={"mixer": "off"}),
+    DeviceModel("hda-micro", Role.CODEC, "HDA codec: speaker + microphone", bus_kind="hda",
+                hotpluggable=False, audio_backend=True, defaults={"mixer": "off"}),
+    DeviceModel("pci-testdev", Role.PRESSURE, "QEMU PCI test device (membar= sets a 64-bit "
+                "prefetchable BAR)", 0x1B36, 0x0005, None, None,
+                bars=(Bar(0, "mem32", 0x1000), Bar(1, "io", 0x100), Bar(2, "mem64-pref", None))),
+    DeviceModel("ivshmem-plain", Role.PRESSURE, "Inter-VM shared memory (BAR2 = memdev size)",
+                0x1AF4, 0x1110, None, None,
+                bars=(Bar(0, "mem32", 0x100), Bar(2, "mem64-pref", None))),
+    DeviceModel("edu", Role.TEST, "QEMU educational device (DMA engine, interrupts)", 0x1234,
+                0x11E8, "rebalab_testdrv", "rebalab_testdrv", bars=(Bar(0, "mem32", 0x100000),)),
+)}
+
+
+def get_model(name: str, *, field: str | None = None) -> DeviceModel:
+    try:
+        return MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, MODELS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SpecError(f"unknown device model {name!r}{hint}; known: {', '.join(sorted(MODELS))}",
+                        field=field) from None
+
+
+def unavailable_reason(model: DeviceModel, inventory: QemuInventory) -> str | None:
+    """Why the installed QEMU can't provide ``model``, or None when it can."""
+    if not inventory.has_device(model.driver):
+        need = f" (needs QEMU >= {'.'.join(map(str, model.min_qemu))})" if model.min_qemu else ""
+        return (f"the installed QEMU {inventory.version_str} has no device {model.driver!r}{need}")
+    return None
+
+
+def available_models(inventory: QemuInventory, role: Role | None = None) -> list[DeviceModel]:
+    return [m for m in MODELS.values()
+            if (role is None or m.role == role) and unavailable_reason(m, inventory) is None]
