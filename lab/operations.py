@@ -184,7 +184,7 @@ def unplug(m: Machine, dev_id: str, *, timeout: float | None = None) -> Operatio
         cursor = m.qmp.cursor()
         t0 = time.monotonic()
         res.started_ns = _record(m, Kind.UNPLUG_REQUEST, dev, bdf)
-        m.qmp.execute("device_del", {"id": dev.id})
+        _device_del(m, dev.id, timeout)
         if model.emits_device_deleted:
             m.qmp.wait_event("DEVICE_DELETED", after=cursor, timeout=timeout,
                              match=lambda ev: (ev.get("data") or {}).get("device") == dev.id,
@@ -217,6 +217,29 @@ def unplug(m: Machine, dev_id: str, *, timeout: float | None = None) -> Operatio
     finally:
         if chan is not None:
             chan.close()
+
+
+def _device_del(m: Machine, dev_id: str, timeout: float) -> None:
+    """device_del, retried while QEMU says the slot is busy.
+
+    In native mode pciehp blinks the slot's power indicator for a while after a
+    hot-plug (and during an unplug); QEMU refuses device_del meanwhile with "guest is
+    busy (power indicator blinking)". That state ends by itself, so it is waited out
+    under the operation's deadline instead of failing the unplug.
+    """
+    assert m.qmp is not None
+    end = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        try:
+            m.qmp.execute("device_del", {"id": dev_id})
+            return
+        except QemuError as exc:
+            if "busy" not in str(exc) or time.monotonic() + delay > end:
+                raise
+            m.run.log(f"device_del {dev_id}: slot busy, retrying in {delay * 1e3:.0f} ms")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 def guest_driver(m: Machine, bdf: str) -> str | None:
