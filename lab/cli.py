@@ -134,6 +134,101 @@ def cmd_boot(args: argparse.Namespace) -> int:
         run.close()
 
 
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    """Boot, place the audio device, run one trigger, print what moved on the host."""
+    from dataclasses import replace
+
+    from rich.table import Table
+
+    from lab import operations as ops
+    from lab import rebalance as rb
+    from lab.image import GuestImage
+    from lab.machine import Machine
+    from lab.rundir import RunDir, iso
+    from vdevice.catalog import get_model
+    from vdevice.presets import default_topology
+    from vdevice.sizes import bar_size
+    from vdevice.topology import Device, Placement
+
+    mode = _modes(args.mode)
+    if len(mode) != 1:
+        raise UsageError("rebalance takes one --mode")
+    get_model(args.model, field="--model")
+    if args.to:
+        get_model(args.to, field="--to")
+    size = None if args.size in (None, "auto") else bar_size(args.size, field="--size")
+    image = GuestImage.load()
+    topo = replace(default_topology(mode[0], model=args.model), max_cpus=2)
+    run = RunDir(Path(args.runs), f"rebalance-{args.trigger}")
+    show = _progress_printer()
+    con = _console()
+    status = EXIT_OK
+    try:
+        with Machine(topo, run, image=image, accel=args.accel) as m:
+            show(f"guest ready ({m.accel.name if m.accel else '?'}); plugging {args.model}")
+            ops.plug(m, Device("snd0", args.model, "rp1", Placement.HOT))
+            show(f"running trigger {args.trigger}")
+            kw: dict[str, object] = {}
+            if args.trigger == "pressure":
+                kw = {"size": size, "placement": args.placement}
+            elif args.trigger == "reconfigure":
+                kw = {"model": args.to or ("AC97" if args.model != "AC97" else "ES1370"),
+                      "props": dict(p.split("=", 1) for p in args.prop)}
+            try:
+                rep = rb.run_trigger(m, args.trigger, "snd0", **kw)
+            except rb.Unsupported as exc:
+                con.print(f"[yellow]{args.trigger}: {exc}[/yellow]")
+                run.write_json("rebalance.json", {"trigger": args.trigger, "supported": False,
+                                                  "reason": str(exc)})
+                return EXIT_LAB
+            run.write_json("rebalance.json", rep.to_json())
+            table = Table(title=f"{args.trigger}: what moved (host view, query-pci diff)")
+            for c in ("device", "BDF", "what", "before", "after"):
+                table.add_column(c)
+            for ch in rep.changes:
+                table.add_row(ch.device, ch.bdf, ch.what, ch.old or "-", ch.new or "-")
+            if not rep.changes:
+                table.add_row("-", "-", "nothing moved", "", "")
+            con.print(table)
+            tt = Table(title="hardware trace of the audio device (QEMU trace log)")
+            for c in ("host time", "+ms", "event", "BDF", "detail"):
+                tt.add_column(c)
+            audio_names = {get_model(args.model).driver, get_model(args.to).driver if args.to
+                           else ""}
+            shown = _collapse_toggles([e for e in rep.trace if e.kind.value in
+                                       ("bar-mapped", "bar-unmapped", "decode-on", "decode-off")
+                                       and e.data.get("qemu_name") in audio_names])
+            for e in shown[:40]:
+                detail = (f"BAR{e.data.get('bar')} {e.data.get('addr', 0):#x}+{e.data.get('size', 0):#x}"
+                          if "addr" in e.data else f"command={e.data.get('command', 0):#x}")
+                tt.add_row(iso(e.t_host_ns), f"{(e.t_host_ns - rep.started_ns) / 1e6:.1f}",
+                           e.kind.value, e.device.bdf if e.device else "",
+                           f"{e.data.get('qemu_name', '')} {detail}")
+            n_all = sum(1 for e in rep.trace if e.data.get("qemu_name") in audio_names)
+            if n_all > len(shown):
+                tt.add_row("…", "", f"{n_all - len(shown)} more in rebalance.json "
+                           "(BAR sizing toggles)", "", "")
+            con.print(tt)
+            con.print(f"[bold]{rep.summary()}[/bold]")
+            if rep.unmapped_ms is not None:
+                con.print(f"BAR unmapped -> mapped again: {rep.unmapped_ms:.1f} ms; decode off -> "
+                          f"on: {rep.outage_ms if rep.outage_ms is not None else '-'} ms")
+            for n in rep.notes:
+                con.print(f"note: {n}")
+            con.print("timings: " + ", ".join(f"{k} {v:.1f} ms" for k, v in rep.durations_ms.items()))
+            if args.trigger in ("rescan", "reconfigure") and rep.rebound is False:
+                status = EXIT_FAIL
+    finally:
+        run.close()
+        con.print(f"run directory: {run.path}")
+    return status
+
+
+def _collapse_toggles(events: list) -> list:  # type: ignore[type-arg]
+    """Keep the first and last edges; BAR sizing toggles decode dozens of times."""
+    return events if len(events) <= 12 else events[:4] + events[-8:]
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -184,6 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mode", default="acpi", help="hot-plug mode: acpi or native")
     common(b)
     b.set_defaults(func=cmd_boot)
+
+    r = sub.add_parser("rebalance", help="boot, plug the audio device, run one rebalance trigger "
+                       "and show what moved on the host")
+    r.add_argument("trigger", choices=("pressure", "rescan", "cpu-hotplug", "reconfigure", "resize"))
+    r.add_argument("--model", default="ich9-intel-hda", help="audio device model")
+    r.add_argument("--mode", default="native", help="hot-plug mode: acpi or native")
+    r.add_argument("--size", help="pressure: BAR size (power of two, e.g. 64M) or auto")
+    r.add_argument("--placement", default="sibling", choices=("sibling", "root"),
+                   help="pressure: where the pressure device goes")
+    r.add_argument("--to", help="reconfigure: the model to switch to")
+    r.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE",
+                   help="reconfigure: a property of the new device (repeatable), e.g. msi=off")
+    common(r)
+    r.set_defaults(func=cmd_rebalance)
 
     m = sub.add_parser("models", help="list the device models and what the installed QEMU offers")
     m.add_argument("--json", action="store_true")

@@ -38,8 +38,9 @@ from vdevice.inventory import QemuInventory
 from vdevice.topology import Topology
 
 AUDIODEV_ID = "audio0"
-DEFAULT_TRACE_EVENTS = ("pci_update_mappings_add", "pci_update_mappings_del")
-RUNTIME_TRACE_EVENTS = ("pci_cfg_write",)
+# on from the first instruction, so the trace parser knows every device's command
+# register (decode on/off) before any operation; a few hundred lines per boot
+DEFAULT_TRACE_EVENTS = ("pci_update_mappings_add", "pci_update_mappings_del", "pci_cfg_write")
 
 
 class MachineState(str, Enum):

@@ -84,8 +84,10 @@ def _bar(region: dict[str, Any]) -> BarState:
     else:
         kind = ("mem64" if region.get("mem_type_64") else "mem32") + (
             "-pref" if region.get("prefetch") else "")
-    addr = int(region.get("address", UNASSIGNED))
-    return BarState(int(region["bar"]), kind, None if addr in (UNASSIGNED, 0) else addr,
+    # QEMU reports -1 for a BAR it does not map: unassigned, or decode off in the
+    # command register (a device with no driver bound usually has decode off)
+    addr = int(region.get("address", -1))
+    return BarState(int(region["bar"]), kind, None if addr in (-1, UNASSIGNED, 0) else addr,
                     int(region.get("size", 0)))
 
 

@@ -58,6 +58,8 @@ class RebalanceReport:
             parts.append(f"decode off for {self.outage_ms:.1f} ms")
         if self.rebound is not None:
             parts.append("driver rebound" if self.rebound else "driver NOT rebound")
+        if not self.audio_moved and self.changes:
+            parts.append(f"{len(self.changes)} other change(s)")
         return "; ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
@@ -105,8 +107,9 @@ class Evidence:
         bdfs = {b for b in (report.details["bdf_before"], report.details["bdf_after"]) if b}
         mine = [e for e in report.trace if e.device and e.device.bdf in bdfs
                 and (not names or e.data.get("qemu_name") in names)]
-        report.outage_ms = _span_ms(mine, Kind.DECODE_OFF, Kind.DECODE_ON)
-        report.unmapped_ms = _span_ms(mine, Kind.BAR_UNMAPPED, Kind.BAR_MAPPED)
+        report.outage_ms = _outage_ms(mine, Kind.DECODE_OFF, Kind.DECODE_ON)
+        report.unmapped_ms = _outage_ms(mine, Kind.BAR_UNMAPPED, Kind.BAR_MAPPED)
+        report.details["decode_toggles"] = sum(1 for e in mine if e.kind == Kind.DECODE_OFF)
         report.ended_ns = time.time_ns()
         for c in report.changes:
             self.m.run.record(Event(report.ended_ns, Source.HOST_LAB, Kind.RESOURCE_MOVED,
@@ -117,20 +120,27 @@ class Evidence:
                               {"before": self.before.to_json(), "after": after.to_json()})
 
 
-def _span_ms(events: list[Event], start: Kind, end: Kind) -> float | None:
-    t0 = next((e.t_host_ns for e in events if e.kind == start), None)
+def _outage_ms(events: list[Event], off: Kind, on: Kind) -> float | None:
+    """From the first ``off`` to the last ``on`` after it: the whole window in which the
+    device was not (fully) reachable, including the brief toggles of BAR sizing.
+    None when nothing went off; the span to the last event when it never came back."""
+    t0 = next((e.t_host_ns for e in events if e.kind == off), None)
     if t0 is None:
         return None
-    t1 = next((e.t_host_ns for e in events if e.kind == end and e.t_host_ns >= t0), None)
-    return (t1 - t0) / 1e6 if t1 is not None else None
+    ons = [e.t_host_ns for e in events if e.kind == on and e.t_host_ns >= t0]
+    return (ons[-1] - t0) / 1e6 if ons else None
 
 
 def enable_runtime_trace(m: Machine) -> None:
+    """Make sure the trace events the verdict needs are on (a machine may have been
+    started with fewer); QMP switches them at run time without a restart."""
     assert m.qmp is not None
     if getattr(m, "_runtime_trace_on", False):
         return
     for name in RUNTIME_TRACE:
-        m.qmp.execute("trace-event-set-state", {"name": name, "enable": True})
+        state = m.qmp.execute("trace-event-get-state", {"name": name})
+        if not any(s.get("state") == "enabled" for s in state):
+            m.qmp.execute("trace-event-set-state", {"name": name, "enable": True})
     m._runtime_trace_on = True  # type: ignore[attr-defined]
 
 
@@ -227,7 +237,7 @@ def pressure(m: Machine, dev_id: str, *, size: int | None = None, placement: str
          else None)
     rep.durations_ms["guest_sees"] = (time.monotonic() - t0) * 1e3
     bar_index = 2 if model in ("pci-testdev", "ivshmem-plain") else 0
-    assigned = _wait_bar_settled(m, pressure_id, bar_index)
+    assigned = _guest_bar_assigned(m, bdf, bar_index)
     rep.details.update({"pressure_device": pressure_id, "pressure_port": port,
                         "pressure_size": size, "pressure_bar_assigned": assigned,
                         "hotplug_mode": m.topology.hotplug_mode.value})
@@ -235,27 +245,28 @@ def pressure(m: Machine, dev_id: str, *, size: int | None = None, placement: str
                      + ("was assigned: the guest made room" if assigned else
                         "stayed unassigned: the guest did not rebalance for it"))
     rep.driver_after = _driver(m, dev_id)
-    rep.rebound = rep.driver_after == rep.driver_before if rep.driver_before else None
+    if rep.driver_before:
+        rep.notes.append(f"{dev_id}'s driver {'is still bound' if rep.driver_after else 'is NOT bound'}"
+                         f" ({rep.driver_after or rep.driver_before})")
     return _end(m, rep, ev)
 
 
-def _wait_bar_settled(m: Machine, qom_id: str, bar: int, quiet_s: float = 0.5) -> bool:
-    """True once QEMU shows the BAR mapped; False if it stays unassigned for ``quiet_s``
-    after the guest stopped touching config space."""
-    end = time.monotonic() + seconds("driver_bound")
-    last_change = time.monotonic()
-    last: int | None = None
-    while time.monotonic() < end:
-        f = snapshot(m).find(qom_id)
-        addr = next((b.address for b in f.bars if b.index == bar), None) if f else None
-        if addr is not None:
-            return True
-        if addr != last:
-            last, last_change = addr, time.monotonic()
-        if time.monotonic() - last_change > quiet_s + 1.5:
-            return False
-        time.sleep(0.05)
-    return False
+def _guest_bar_assigned(m: Machine, bdf: str | None, bar: int) -> bool:
+    """Did the guest give the BAR an address? Read from sysfs ``resource``.
+
+    QEMU maps a BAR only while the device's decode is on, and a pressure device has no
+    driver to turn it on, so the host cannot see this one; the host evidence for
+    pressure is the bridge window change, which the diff reports.
+    """
+    assert m.agent is not None
+    if bdf is None:
+        return False
+    r = m.agent.run_argv(["cat", f"/sys/bus/pci/devices/{bdf}/resource"])
+    lines = r.stdout.splitlines() if r.ok else []
+    if len(lines) <= bar:
+        return False
+    start, end, _flags = (int(x, 16) for x in lines[bar].split()[:3])
+    return start != 0 and end > start
 
 
 def _pressure_port(m: Machine, dev_id: str, placement: str) -> str:
