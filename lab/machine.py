@@ -101,6 +101,7 @@ class Machine:
         self.qmp: QmpSession | None = None
         self.console: Console | None = None
         self.sync: SyncPort | None = None
+        self.trace_port: Console | None = None
         self.agent: SshAgent | None = None
         self.timings: dict[str, float] = {}
         self.stopped_at: str | None = None
@@ -142,6 +143,9 @@ class Machine:
             "-serial", "chardev:con0",
             "-chardev", f"socket,id=sync0,path={priv / 'sync.sock'},server=on,wait=off",
             "-serial", "chardev:sync0",
+            # ttyS2: guest trace stream (kprobes), independent of SSH and the network
+            "-chardev", f"socket,id=trace0,path={priv / 'trace.sock'},server=on,wait=off",
+            "-serial", "chardev:trace0",
             "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
             "-device", "virtio-net-pci,netdev=n0,bus=pcie.0",
             "-audiodev", audio,
@@ -198,6 +202,9 @@ class Machine:
             self.console.connect(seconds("qemu_start"))
             self.sync = SyncPort(self.private / "sync.sock")
             self.sync.connect(seconds("qemu_start"))
+            self.trace_port = Console(self.private / "trace.sock",
+                                      self.artifacts / "guest-trace.txt")
+            self.trace_port.connect(seconds("qemu_start"))
             self.stopped_at = "booting the guest"
             self.qmp.execute("cont")
             t_cont = time.monotonic()
@@ -281,7 +288,7 @@ class Machine:
                     step = self.process.stop(polite, step_timeout=seconds("shutdown_step"))
                     self.timings_stop = step
             finally:
-                for part in (self.agent, self.qmp, self.console, self.sync):
+                for part in (self.agent, self.qmp, self.console, self.sync, self.trace_port):
                     if part is not None:
                         try:
                             part.close()

@@ -85,14 +85,28 @@ def qom_has(m: Machine, qom_id: str) -> bool:
 
 # ---- guest waiters -------------------------------------------------------------------
 
+BOUND_DIR = "/run/rebalab/bound"
+
+
 def _waiter_bound(m: Machine, bdf: str, driver: str, timeout: float) -> str:
+    """A guest loop that ends when ``driver`` is bound to ``bdf``.
+
+    Bound means the kernel's bind uevent (sent after probe() returned 0), which the
+    built-in image records in /run/rebalab/bound/<BDF>. The sysfs ``driver`` link is
+    not enough: it appears before probe() runs. Guests without that directory fall
+    back to the link (and the run log says so).
+    """
     sh = m.agent.shell  # type: ignore[union-attr]
     n = int(timeout * 1_000_000 / _POLL_US) + 1
-    return (f"d=/sys/bus/pci/devices/{sh.quote(bdf)}; want={sh.quote(driver)}; i=0; "
-            f"while [ $i -lt {n} ]; do l=$(readlink \"$d/driver\" 2>/dev/null) && "
-            f"[ \"${{l##*/}}\" = \"$want\" ] && {{ echo bound \"${{l##*/}}\"; exit 0; }}; "
+    return (f"d=/sys/bus/pci/devices/{sh.quote(bdf)}; b={BOUND_DIR}/{sh.quote(bdf)}; "
+            f"want={sh.quote(driver)}; i=0; "
+            f"if [ -d {BOUND_DIR} ]; then how=uevent; else how=link; fi; "
+            f"while [ $i -lt {n} ]; do "
+            f"if [ $how = uevent ]; then got=$(cat \"$b\" 2>/dev/null); "
+            f"else l=$(readlink \"$d/driver\" 2>/dev/null); got=${{l##*/}}; fi; "
+            f"[ \"$got\" = \"$want\" ] && {{ echo bound $how \"$got\"; exit 0; }}; "
             f"usleep {_POLL_US}; i=$((i+1)); done; "
-            f"echo \"not bound: driver=$(readlink \"$d/driver\" 2>/dev/null || echo none)\"; exit 3")
+            f"echo \"not bound ($how): driver=$(readlink \"$d/driver\" 2>/dev/null || echo none)\"; exit 3")
 
 
 def _waiter_gone(m: Machine, bdf: str, timeout: float) -> str:
@@ -151,7 +165,8 @@ def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
                                  f"within {timeout:.1f}s ({r.stdout.strip() or r.stderr.strip()}); "
                                  "see dmesg.txt and console.log")
             res.durations_ms["bound"] = (time.monotonic() - t0) * 1e3
-            _record(m, Kind.BOUND, dev, bdf, driver=expect,
+            res.details["bound_evidence"] = r.stdout.split()[1] if r.stdout.strip() else "?"
+            _record(m, Kind.BOUND, dev, bdf, driver=expect, evidence=res.details["bound_evidence"],
                     after_ms=res.durations_ms["bound"])
         m.run.log(f"plug {dev.id} ({model.driver}) into {dev.port} at {bdf}: "
                   + ", ".join(f"{k} {v:.1f} ms" for k, v in res.durations_ms.items()))

@@ -8,6 +8,7 @@ string, so a hostile device name or path arrives in the guest as data.
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,9 @@ class Agent(abc.ABC):
         return self.run(self.shell.join(argv), timeout=timeout)
 
     @abc.abstractmethod
-    def stream(self, command: str) -> Iterator[str]:
-        """Run a long-lived command and yield its stdout line by line until it ends or
-        ``close()`` is called."""
+    def stream(self, command: str, stop: threading.Event | None = None) -> Iterator[str]:
+        """Run a long-lived command and yield its stdout line by line until it ends,
+        ``stop`` is set, or ``close()`` is called."""
 
     @abc.abstractmethod
     def put(self, local: Path, remote: str) -> None: ...

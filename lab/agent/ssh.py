@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -166,7 +167,7 @@ class SshAgent(Agent):
         t0 = time.monotonic()
         return self.collect(self.open(command), command, timeout, t0, stdin)
 
-    def stream(self, command: str) -> Iterator[str]:
+    def stream(self, command: str, stop: threading.Event | None = None) -> Iterator[str]:
         """Yield stdout lines of a long-running command as they come.
 
         The generator ends when the command exits or the connection drops; what was
@@ -176,8 +177,8 @@ class SshAgent(Agent):
         chan = self.open(command)
         buf = b""
         try:
-            while True:
-                r, _, _ = select.select([chan], [], [], 0.5)
+            while stop is None or not stop.is_set():
+                select.select([chan], [], [], 0.1)
                 if chan.recv_ready():
                     data = chan.recv(65536)
                     if not data:

@@ -1,0 +1,258 @@
+"""Linux guest tracer: kprobes on driver and PCI-core callbacks, streamed live.
+
+Which functions exist is discovered in the guest (``available_filter_functions``),
+never assumed: ``snd_intel8x0`` in 6.1 has no ``remove`` of its own (devres frees
+it), so its removal is seen through ``pci_device_remove``, which every PCI driver
+goes through. Entry probes fetch the device name (``dev_name()``, i.e. the BDF) at a
+byte offset read from the kernel's BTF, so probe/remove events carry the device.
+
+Events stream over a dedicated serial port (ttyS2: ``cat trace_pipe > /dev/ttyS2``)
+into memory and into ``guest-trace.txt`` line by line, each stamped with its host
+receive time, so a guest that dies mid-run still leaves everything received until
+then. Not over SSH: with kprobes on pci_device_probe firing while dropbear relayed
+trace_pipe, the guest's SSH server stopped accepting channels (seen under TCG, 6.1),
+and a trace channel must not depend on the network the lab also needs for commands.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lab.console import ConsoleLine
+from lab.errors import AgentError, LabError
+from lab.events import DeviceId, Event, Kind, Source
+from lab.machine import Machine
+from lab.tracers.btf import BtfError, DeviceNameOffsets
+
+TRACEFS = "/sys/kernel/tracing"
+TRACE_TTY = "/dev/ttyS2"
+GROUP = "rebalab"
+# modules whose callbacks we want to probe: loaded up front so their symbols exist
+AUDIO_MODULES = ("snd_hda_intel", "snd_intel8x0", "snd_ens1370")
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    func: str
+    arg: str | None          # "device" (struct device *), "pci_dev" (struct pci_dev *), None
+    enter: Kind
+    exit: Kind
+    role: str                # "pci-core", "driver", "hotplug"
+
+
+PCI_CORE = (
+    ProbeSpec("pci_device_probe", "device", Kind.PROBE_ENTER, Kind.PROBE_EXIT, "pci-core"),
+    ProbeSpec("pci_device_remove", "device", Kind.REMOVE_ENTER, Kind.REMOVE_EXIT, "pci-core"),
+)
+DRIVER_FUNCS = (
+    ProbeSpec("azx_probe", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
+    ProbeSpec("azx_remove", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
+    ProbeSpec("azx_probe_continue", None, Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
+    ProbeSpec("snd_intel8x0_probe", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
+    ProbeSpec("snd_audiopci_probe", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
+    ProbeSpec("rebalab_testdrv_probe", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
+    ProbeSpec("rebalab_testdrv_remove", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
+)
+HOTPLUG_FUNCS = (
+    ProbeSpec("acpiphp_enable_slot", None, Kind.CALL_ENTER, Kind.CALL_EXIT, "hotplug"),
+    ProbeSpec("acpiphp_disable_slot", None, Kind.CALL_ENTER, Kind.CALL_EXIT, "hotplug"),
+    ProbeSpec("pciehp_handle_presence_or_link_change", None, Kind.CALL_ENTER, Kind.CALL_EXIT,
+              "hotplug"),
+    ProbeSpec("pciehp_disable_slot", None, Kind.CALL_ENTER, Kind.CALL_EXIT, "hotplug"),
+    ProbeSpec("pci_rescan_bus", None, Kind.CALL_ENTER, Kind.CALL_EXIT, "hotplug"),
+    ProbeSpec("pci_stop_and_remove_bus_device_locked", None, Kind.CALL_ENTER, Kind.CALL_EXIT,
+              "hotplug"),
+)
+ALL_SPECS = PCI_CORE + DRIVER_FUNCS + HOTPLUG_FUNCS
+
+_LINE_RE = re.compile(
+    r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+(?:(?P<flags>\S{4,5})\s+)?"
+    r"(?P<ts>\d+\.\d+):\s+(?P<event>[\w.]+):\s+\((?P<loc>[^)]*)\)\s*(?P<args>.*)$")
+_ARG_RE = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+_BDF_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+
+
+def probe_name(spec: ProbeSpec, exit_: bool) -> str:
+    return f"{spec.func[:56]}_{'ret' if exit_ else 'ent'}"
+
+
+def kprobe_definitions(specs: Sequence[ProbeSpec], offsets: DeviceNameOffsets | None) -> list[str]:
+    """The lines written to kprobe_events (Documentation/trace/kprobetrace.rst)."""
+    lines = []
+    for s in specs:
+        fetch = ""
+        if offsets is not None and s.arg == "device":
+            fetch = f" name=+0(+{offsets.device_name}(%di)):string"
+        elif offsets is not None and s.arg == "pci_dev":
+            fetch = f" name=+0(+{offsets.pci_dev_name}(%di)):string"
+        lines.append(f"p:{GROUP}/{probe_name(s, False)} {s.func}{fetch}")
+        lines.append(f"r:{GROUP}/{probe_name(s, True)} {s.func} ret=$retval:s32")
+    return lines
+
+
+class TraceParser:
+    """trace_pipe lines -> Events; pairs entry and return per (pid, function)."""
+
+    def __init__(self, specs: Sequence[ProbeSpec]) -> None:
+        self.by_event = {}
+        for s in specs:
+            self.by_event[probe_name(s, False)] = (s, False)
+            self.by_event[probe_name(s, True)] = (s, True)
+        self._open: dict[tuple[int, str], list[Event]] = {}
+        self.unparsed = 0
+
+    def parse(self, line: str, t_recv_ns: int) -> Event | None:
+        m = _LINE_RE.match(line)
+        if not m:
+            if line.strip() and not line.startswith("#"):
+                self.unparsed += 1
+            return None
+        hit = self.by_event.get(m["event"])
+        if hit is None:
+            return None
+        spec, is_exit = hit
+        secs, frac = m["ts"].split(".")
+        g_ns = int(secs) * 1_000_000_000 + int(frac.ljust(9, "0")[:9])
+        args = {k: v.strip('"') for k, v in _ARG_RE.findall(m["args"])}
+        pid = int(m["pid"])
+        data: dict[str, object] = {"func": spec.func, "role": spec.role, "pid": pid,
+                                   "cpu": int(m["cpu"]), "task": m["task"].strip()}
+        key = (pid, spec.func)
+        if not is_exit:
+            name = args.get("name")
+            dev = DeviceId(bdf=name) if name and _BDF_RE.match(name) else None
+            if name:
+                data["device_name"] = name
+            ev = Event(t_recv_ns, Source.GUEST_KPROBE, spec.enter, dev, data=data, t_guest_ns=g_ns)
+            self._open.setdefault(key, []).append(ev)
+            return ev
+        ret = args.get("ret")
+        data["ret"] = int(ret, 0) if ret and re.fullmatch(r"-?(0x)?[0-9a-fA-F]+", ret) else ret
+        stack = self._open.get(key)
+        start = stack.pop() if stack else None
+        dur = (g_ns - start.t_guest_ns) if start and start.t_guest_ns is not None else None
+        if start is None:
+            data["unpaired"] = True
+        return Event(t_recv_ns, Source.GUEST_KPROBE, spec.exit, start.device if start else None,
+                     duration_ns=dur, data=data, t_guest_ns=g_ns)
+
+
+class LinuxTracer:
+    """Start kprobes in the guest, stream them, stop and clean up."""
+
+    def __init__(self, m: Machine, *, specs: Sequence[ProbeSpec] = ALL_SPECS,
+                 preload: Sequence[str] = AUDIO_MODULES) -> None:
+        self.m = m
+        self.wanted = tuple(specs)
+        self.preload = tuple(preload)
+        self.active: tuple[ProbeSpec, ...] = ()
+        self.missing: tuple[str, ...] = ()
+        self.events: list[Event] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.parser: TraceParser | None = None
+
+    def _offsets(self) -> DeviceNameOffsets | None:
+        import os
+        if os.environ.get("REBALAB_NO_FETCH"):
+            return None
+        try:
+            return DeviceNameOffsets.from_vmlinux(self.m.image.file("vmlinux"))
+        except (OSError, BtfError) as exc:
+            self.m.run.log(f"kprobe device names unavailable: {exc}")
+            return None
+
+    def start(self) -> LinuxTracer:
+        agent = self.m.agent
+        if agent is None:
+            raise LabError("the guest agent is not connected")
+        sh = agent.shell
+        if self.preload:
+            agent.run(" ; ".join(f"modprobe {sh.quote(mod)}" for mod in self.preload)).check()
+        have = set(agent.run(f"cut -d' ' -f1 {TRACEFS}/available_filter_functions").stdout.split())
+        self.active = tuple(s for s in self.wanted if s.func in have)
+        self.missing = tuple(s.func for s in self.wanted if s.func not in have)
+        if not self.active:
+            raise LabError("none of the traced functions exist in the guest kernel")
+        defs = kprobe_definitions(self.active, self._offsets())
+        script = "\n".join([
+            f"cd {TRACEFS} || exit 1",
+            "echo 0 > tracing_on",
+            f"echo 0 > events/{GROUP}/enable 2>/dev/null",
+            "echo > kprobe_events",   # the lab is the only kprobe user in its guest
+            *(f"echo {sh.quote(d)} >> kprobe_events || echo failed: {sh.quote(d)} >&2" for d in defs),
+            # printk stamps with local_clock(), which is what the "global" trace clock reads;
+            # "local" is raw sched_clock() and drifts from printk by ms under TCG
+            "echo global > trace_clock",
+            "echo > trace",
+            f"echo 1 > events/{GROUP}/enable",
+            "echo 1 > tracing_on",
+        ])
+        r = agent.run(script)
+        if not r.ok or "failed:" in r.stderr:
+            err = agent.run(f"cat {TRACEFS}/error_log").stdout.strip()[-400:]
+            raise AgentError(f"could not set up kprobes: {r.stderr.strip()[-300:]} {err}")
+        self.parser = TraceParser(self.active)
+        port = self.m.trace_port
+        if port is None:
+            raise LabError("the machine has no trace serial port")
+        port.listeners.append(self._on_line)
+        r = agent.run(f"stty -F {TRACE_TTY} raw -echo -opost 115200 && "
+                      f"(setsid sh -c 'exec cat {TRACEFS}/trace_pipe > {TRACE_TTY}' "
+                      f"</dev/null >/dev/null 2>&1 &) && echo started")
+        if "started" not in r.stdout:
+            raise AgentError(f"could not start the trace relay on {TRACE_TTY}: {r.stderr.strip()}")
+        self.m.run.log(f"kprobes on {', '.join(s.func for s in self.active)}"
+                       + (f"; not in this kernel: {', '.join(self.missing)}" if self.missing else ""))
+        return self
+
+    def _on_line(self, line: ConsoleLine) -> None:
+        if self._stop.is_set() or self.parser is None:
+            return
+        ev = self.parser.parse(line.text, line.t_host_ns)
+        if ev is not None:
+            with self._lock:
+                self.events.append(ev)
+
+    def snapshot(self) -> list[Event]:
+        with self._lock:
+            return list(self.events)
+
+    def wait_for(self, pred: "Callable[[Event], bool]", timeout: float, what: str) -> Event:
+        from lab.errors import DeadlineExceeded
+        end = time.monotonic() + timeout
+        seen = 0
+        while True:
+            evs = self.snapshot()
+            for ev in evs[seen:]:
+                if pred(ev):
+                    return ev
+            seen = len(evs)
+            if time.monotonic() > end:
+                raise DeadlineExceeded(what, timeout, evs[-1].kind.value if evs else None)
+            time.sleep(0.005)
+
+    def stop(self, *, drain_s: float = 0.2) -> list[Event]:
+        """Stop tracing; give the relay a moment to deliver what is buffered."""
+        agent = self.m.agent
+        alive = self.m.process is not None and self.m.process.alive()
+        if alive and agent is not None:
+            time.sleep(drain_s)
+            try:
+                agent.run(f"cd {TRACEFS} && echo 0 > events/{GROUP}/enable && "
+                          f"echo 0 > tracing_on; pkill -f 'cat {TRACEFS}/trace_pipe' "
+                          f"|| killall cat 2>/dev/null; true", timeout=5)
+            except LabError:
+                pass
+        self._stop.set()
+        if self.m.trace_port is not None and self._on_line in self.m.trace_port.listeners:
+            self.m.trace_port.listeners.remove(self._on_line)
+        return self.snapshot()
+
+
+from collections.abc import Callable  # noqa: E402  (used in a string annotation above)
