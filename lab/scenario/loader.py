@@ -1,0 +1,417 @@
+"""Validate a scenario file as a whole, before any VM starts.
+
+``rebalab validate FILE`` and every run call ``validate_file``. Beyond the shape
+(``ScenarioFile``), it checks what only the whole file can tell:
+
+- every ``${name}`` names a declared parameter, and every parameter is used;
+- every step is valid for every value its parameters can take (each list and range
+  value, the bounds of random ones), so an impossible value fails now with its line
+  and the value, not in iteration 37 an hour into a sweep;
+- device and port references: a step may name a device the topology declares or one
+  an earlier step plugged (in order, per ``parallel`` branch); a device is not plugged
+  twice or unplugged twice; ``wait: {job: X}`` follows the background command X;
+- the topology reference resolves (through the injected resolver).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from lab.scenario.model import (ScenarioFile, Scenario, TopologyLike, TopologyRef,
+                                TopologyResolver, parse_limits)
+from lab.scenario.params import (Param, Scalar, check_refs, find_refs, format_value,
+                                 parse_parameters, substitute)
+from lab.scenario.steps import (AssertCount, AssertNoKind, AssertRule, Guest, ParseContext,
+                                Parallel, Plug, RebalanceBase, RebalanceCpuHotplug,
+                                RebalancePressure, Step, Unplug, WaitEvent, WaitJob, WaitQmp,
+                                check_known_rule, parse_step)
+from vdevice.errors import SpecError
+from vdevice.yamlsrc import Located, YamlPath, load, unknown, validate
+
+#: Above this many parameter combinations, validation varies one parameter at a time.
+MAX_CHECKED_COMBINATIONS = 512
+
+
+#: Default for ``known_rules``/``known_limits``: ask the rules engine (``lab.rules``).
+FROM_RULES = "rules-engine"
+Known = Union[Iterable[str], None, Literal["rules-engine"]]
+
+
+def _registry_rules() -> frozenset[str] | None:
+    try:
+        from lab.rules.base import known_ids
+    except ImportError:                          # pragma: no cover - rules not installed
+        return None
+    return frozenset(known_ids())
+
+
+def _registry_limits() -> frozenset[str] | None:
+    try:
+        from lab.rules.base import Limits
+    except ImportError:                          # pragma: no cover
+        return None
+    return frozenset(Limits.__dataclass_fields__)
+
+
+def _known(value: Known, default: Callable[[], frozenset[str] | None]) -> frozenset[str] | None:
+    if isinstance(value, str) and value == FROM_RULES:
+        return default()
+    return frozenset(value) if value is not None else None
+
+
+def validate_file(path: str | Path, resolve_topology: TopologyResolver, *,
+                  known_rules: Known = FROM_RULES, known_limits: Known = FROM_RULES) -> Scenario:
+    """Read and validate a scenario file; errors are ``SpecError`` naming file:line: field.
+
+    ``path`` is shown in errors as given. A missing or unreadable file is a
+    ``SpecError`` too (exit 2, like any bad input). ``known_rules``/``known_limits``
+    default to what the rules engine (``lab.rules``) registers, so a misspelt rule or
+    limit fails here with its line rather than later without one; ``None`` skips the
+    rule check and leaves limits to a typo guard.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"scenario file not found: {p}", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read scenario file: {exc}", file=str(path)) from None
+    return validate_text(text, str(path), resolve_topology, base_dir=p.resolve().parent,
+                         known_rules=known_rules, known_limits=known_limits)
+
+
+def validate_text(text: str, filename: str, resolve_topology: TopologyResolver, *,
+                  base_dir: str | Path | None = None, known_rules: Known = FROM_RULES,
+                  known_limits: Known = FROM_RULES) -> Scenario:
+    """Validate scenario text; relative paths in it are taken from ``base_dir``
+    (default: the current directory). Options as for ``validate_file``."""
+    located = load(text, filename)
+    if not isinstance(located.data, dict):
+        raise located.error("a scenario file is a mapping with at least 'name' and 'steps'")
+    head = validate(ScenarioFile, located)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    rules = _known(known_rules, _registry_rules)
+    limit_names = _known(known_limits, _registry_limits)
+
+    params = parse_parameters(located.at(("parameters",))) if "parameters" in located.data \
+        else ()
+    used = check_refs(located, params, ("steps",))
+    for p in params:
+        if p.name not in used:
+            raise located.error(f"parameter {p.name!r} is declared but no step uses it "
+                                f"(write ${{{p.name}}} in a step; for plain repetition use "
+                                "repeat:)", ("parameters", p.name))
+    for key in ("topology", "guest", "limits", "rules", "hotplug_mode", "until", "reset"):
+        if key in located.data:
+            for ref in find_refs(located, (key,)):
+                raise located.error("parameters are substituted only inside steps", ref.path)
+
+    if head.rules is not None:
+        for i, r in enumerate(head.rules):
+            try:
+                check_known_rule(r, rules)
+            except SpecError as exc:
+                raise located.relocate(exc, ("rules", i)) from None
+    limits = parse_limits(located.at(("limits",)), limit_names) \
+        if "limits" in located.data else {}
+
+    guest = head.guest
+    if guest.image:
+        guest = guest.model_copy(update={"image": str((base / guest.image).resolve())
+                                         if not Path(guest.image).is_absolute()
+                                         else guest.image})
+
+    topo_ref, topo = _resolve_topology(located, head.topology, base, resolve_topology)
+    _check_steps(located, params, topo, rules)
+
+    return Scenario(name=head.name, description=head.description, file=filename,
+                    topology_ref=topo_ref, topology=topo, guest=guest,
+                    hotplug_mode=head.hotplug_mode, parameters=params, seed=head.seed,
+                    repeat=head.repeat, until=head.until, reset=head.reset, limits=limits,
+                    rules=head.rules, located=located, known_rules=rules,
+                    source_text=text, base_dir=base)
+
+
+def _looks_like_path(ref: str) -> bool:
+    return "/" in ref or "\\" in ref or ref.endswith((".yaml", ".yml"))
+
+
+def _resolve_topology(located: Located, raw: str | dict[str, Any], base: Path,
+                      resolve: TopologyResolver) -> tuple[TopologyRef, TopologyLike]:
+    where = located.at(("topology",)) if "topology" in located.data else located
+    ref: TopologyRef
+    if isinstance(raw, str):
+        if _looks_like_path(raw):
+            path = (base / raw).resolve() if not Path(raw).is_absolute() else Path(raw)
+            if not path.is_file():
+                raise where.error(f"topology file {raw!r} not found (looked for {path})")
+            ref = path
+        else:
+            ref = raw
+    else:
+        ref = raw
+    try:
+        topo = resolve(ref, where)
+    except SpecError as exc:
+        if exc.file is not None:
+            raise                        # located in the topology file itself
+        # relative to the topology's root: anchor it inside the inline mapping
+        fpath = _parse_field(exc.field) if exc.field else ()
+        if fpath is None:
+            raise where.relocate(exc) from None
+        raise SpecError(exc.bare_message, file=where.filename, line=where.line_of(fpath),
+                        field=where.field(fpath)) from None
+    return ref, topo
+
+
+_FIELD_TOKEN = re.compile(r"\.?([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]|\['([^']*)'\]")
+
+
+def _parse_field(text: str) -> YamlPath | None:
+    """``ports[0].id`` -> ``("ports", 0, "id")``; None when it isn't such a path."""
+    out: list[str | int] = []
+    pos = 0
+    while pos < len(text):
+        m = _FIELD_TOKEN.match(text, pos)
+        if not m:
+            return None
+        out.append(int(m[2]) if m[2] is not None else (m[1] if m[1] is not None else m[3]))
+        pos = m.end()
+    return tuple(out)
+
+
+# ---- every step for every value ----------------------------------------------------------
+
+def representative_combinations(params: Sequence[Param]) -> list[dict[str, Scalar]]:
+    """Parameter values to check steps with: all combinations of every list/range value
+    and random bound, or (above ``MAX_CHECKED_COMBINATIONS``) each parameter's values
+    varied alone with the others at their first value."""
+    if not params:
+        return [{}]
+    reps = [p.representatives() for p in params]
+    if math.prod(len(r) for r in reps) <= MAX_CHECKED_COMBINATIONS:
+        return [dict(zip((p.name for p in params), combo)) for combo in itertools.product(*reps)]
+    base = {p.name: r[0] for p, r in zip(params, reps)}
+    out = [dict(base)]
+    for p, r in zip(params, reps):
+        for v in r[1:]:
+            out.append(base | {p.name: v})
+    return out
+
+
+def _check_steps(located: Located, params: Sequence[Param], topo: TopologyLike,
+                 rules: frozenset[str] | None) -> None:
+    raw_steps = located.data["steps"]
+    step_refs = [{r.name for r in find_refs(located, ("steps", i))}
+                 for i in range(len(raw_steps))]
+    plug_lines = _plug_lines(located)
+    ctx = ParseContext(seed=0, known_rules=rules)
+    for values in representative_combinations(params):
+        root = dict(located.data)
+        root["steps"] = substitute(raw_steps, values)
+        sub = located.with_data(root)
+        steps: list[Step] = []
+        for i in range(len(raw_steps)):
+            try:
+                steps.append(parse_step(sub, ("steps", i), ctx))
+            except SpecError as exc:
+                raise _with_values(exc, values, step_refs[i]) from None
+        checker = _RefChecker(sub, topo, plug_lines)
+        try:
+            checker.run(steps)
+        except _RefError as exc:
+            top = exc.path[1] if len(exc.path) > 1 and isinstance(exc.path[1], int) else None
+            names = step_refs[top] if top is not None else set()
+            raise _with_values(sub.error(exc.message, exc.path), values, names) from None
+
+
+def _with_values(exc: SpecError, values: dict[str, Scalar], names: set[str]) -> SpecError:
+    shown = {k: v for k, v in values.items() if k in names}
+    if not shown:
+        return exc
+    text = ", ".join(f"{k}={format_value(v)}" for k, v in shown.items())
+    return SpecError(f"{exc.bare_message} (with {text})", file=exc.file, line=exc.line,
+                     field=exc.field)
+
+
+def _plug_lines(located: Located) -> dict[str, int]:
+    """Literal device ids of plug steps anywhere, with their lines (for hints)."""
+    out: dict[str, int] = {}
+
+    def visit(path: YamlPath) -> None:
+        node = located.get(path)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "plug":
+                    dev = v.get("device") if isinstance(v, dict) else v
+                    if isinstance(dev, str):
+                        out.setdefault(dev, located.line_of(path + (k,)) or 0)
+                visit(path + (k,))
+        elif isinstance(node, list):
+            for i in range(len(node)):
+                visit(path + (i,))
+    visit(("steps",))
+    return out
+
+
+# ---- references --------------------------------------------------------------------------
+
+class _RefError(Exception):
+    def __init__(self, message: str, path: YamlPath) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+
+PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
+
+
+@dataclass
+class _State:
+    devices: dict[str, str]                       # id -> present | absent | unknown
+    ever: set[str]                                # ids that existed at some point so far
+    jobs: set[str]                                # background jobs started so far
+    changed_at: dict[str, str] = field(default_factory=dict)   # id -> step path (errors)
+
+    def copy(self) -> _State:
+        return _State(dict(self.devices), set(self.ever), set(self.jobs), dict(self.changed_at))
+
+
+class _RefChecker:
+    """Walks concrete steps in order and tracks which devices exist.
+
+    Topology devices start as 'unknown' (cold ones exist at boot, hot ones once the
+    lab plugs them); step-plugged devices are tracked exactly.
+    """
+
+    def __init__(self, located: Located, topo: TopologyLike, plug_lines: dict[str, int]) -> None:
+        self.located = located
+        self.topo_devices = list(dict.fromkeys(topo.device_ids()))
+        self.ports = list(dict.fromkeys(topo.port_ids()))
+        self.plug_lines = plug_lines
+        self.job_names: dict[str, str] = {}        # name -> path of the step that starts it
+
+    def run(self, steps: Sequence[Step]) -> None:
+        state = _State({d: UNKNOWN for d in self.topo_devices}, set(self.topo_devices), set())
+        self._run(steps, state)
+
+    def _run(self, steps: Sequence[Step], st: _State) -> None:
+        for s in steps:
+            self._step(s, st)
+
+    @staticmethod
+    def _fp(s: Step, *fields: str | int) -> YamlPath:
+        return s.yaml_path + (s.step_type,) + tuple(fields)
+
+    def _known(self, dev: str, st: _State, path: YamlPath) -> None:
+        if dev in st.ever:
+            return
+        msg = unknown("device", dev, sorted(st.ever)) if st.ever else \
+            f"unknown device {dev!r}"
+        later = self.plug_lines.get(dev)
+        if later is not None:
+            msg += f"; it is plugged only later (line {later}), or in another parallel branch"
+        else:
+            msg += "; declare it in the topology or plug it in an earlier step"
+        raise _RefError(msg, path)
+
+    def _present(self, dev: str, st: _State, path: YamlPath, what: str) -> None:
+        self._known(dev, st, path)
+        if st.devices.get(dev) == ABSENT:
+            raise _RefError(f"device {dev!r} was unplugged ({st.changed_at.get(dev, '?')}) "
+                            f"before this {what}", path)
+
+    def _port(self, port: str, path: YamlPath) -> None:
+        if port not in self.ports:
+            raise _RefError(unknown("port", port, self.ports), path)
+
+    def _plug(self, dev: str, st: _State, path: YamlPath, where: str) -> None:
+        if st.devices.get(dev) == PRESENT:
+            raise _RefError(f"device {dev!r} is already plugged ({st.changed_at.get(dev, '?')}); "
+                            "unplug it first", path)
+        st.devices[dev] = PRESENT
+        st.ever.add(dev)
+        st.changed_at[dev] = f"at {where}"
+
+    def _step(self, s: Step, st: _State) -> None:
+        where = f"line {s.line}" if s.line else s.path
+        if isinstance(s, Plug):
+            if s.device not in self.topo_devices and (s.model is None or s.port is None):
+                missing = " and ".join(x for x, v in (("model", s.model), ("port", s.port))
+                                       if v is None)
+                raise _RefError(f"device {s.device!r} is not in the topology, so plug needs "
+                                f"its {missing}", self._fp(s))
+            if s.port is not None:
+                self._port(s.port, self._fp(s, "port"))
+            self._plug(s.device, st, self._fp(s, "device"), where)
+        elif isinstance(s, Unplug):
+            self._known(s.device, st, self._fp(s, "device"))
+            if st.devices.get(s.device) == ABSENT:
+                raise _RefError(f"device {s.device!r} is already unplugged "
+                                f"({st.changed_at.get(s.device, '?')})", self._fp(s, "device"))
+            st.devices[s.device] = ABSENT
+            st.changed_at[s.device] = f"at {where}"
+        elif isinstance(s, RebalanceBase):
+            dev = getattr(s, "device", None)
+            if dev is not None:
+                if isinstance(s, RebalanceCpuHotplug):
+                    self._known(dev, st, self._fp(s, "device"))
+                else:
+                    self._present(dev, st, self._fp(s, "device"), "rebalance")
+            if isinstance(s, RebalancePressure):
+                if s.port is not None:
+                    self._port(s.port, self._fp(s, "port"))
+                self._plug(s.pressure_id, st, self._fp(s, "id"), where)
+        elif isinstance(s, (WaitEvent, WaitQmp)):
+            if s.device is not None:
+                self._known(s.device, st, self._fp(s, "device"))
+        elif isinstance(s, (AssertRule, AssertNoKind)):
+            if s.device is not None:
+                self._known(s.device, st, self._fp(s, "device"))
+        elif isinstance(s, AssertCount):
+            if s.count.device is not None:
+                self._known(s.count.device, st, self._fp(s, "count", "device"))
+        elif isinstance(s, Guest):
+            if s.background and s.name:
+                first = self.job_names.get(s.name)
+                if first is not None and first != s.path:
+                    raise _RefError(f"background command name {s.name!r} is already used "
+                                    f"({first})", self._fp(s, "name"))
+                self.job_names[s.name] = s.path
+                st.jobs.add(s.name)
+        elif isinstance(s, WaitJob):
+            if s.job not in st.jobs:
+                started = self.job_names.get(s.job)
+                msg = unknown("background command", s.job, sorted(st.jobs)) if st.jobs else \
+                    f"no background command {s.job!r} has been started"
+                if started:
+                    msg += f"; it starts in {started}, which does not run before this wait"
+                raise _RefError(msg, self._fp(s, "job"))
+        elif isinstance(s, Parallel):
+            self._parallel(s, st)
+
+    def _parallel(self, s: Parallel, st: _State) -> None:
+        start = st.copy()
+        changes: dict[str, tuple[str, str]] = {}        # device -> (branch, new state)
+        for b in s.branches:
+            bst = start.copy()
+            self._run(b.steps, bst)
+            for dev, state in bst.devices.items():
+                if start.devices.get(dev) == state:
+                    continue
+                if dev in changes:
+                    raise _RefError(f"branches {changes[dev][0]!r} and {b.name!r} both plug or "
+                                    f"unplug device {dev!r}; across branches the order is "
+                                    "undefined", self._fp(s))
+                changes[dev] = (b.name, state)
+                st.changed_at[dev] = bst.changed_at.get(dev, "")
+            st.ever |= bst.ever
+            st.jobs |= bst.jobs
+        for dev, (_, state) in changes.items():
+            st.devices[dev] = state

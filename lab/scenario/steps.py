@@ -1,0 +1,741 @@
+"""The concrete steps an executor runs: one frozen pydantic model per step kind.
+
+A step in YAML is a mapping with exactly one key, the step type (``- plug: {...}``).
+Dispatch on that key is done here by hand rather than by a pydantic union, so that an
+unknown type gets "did you mean" and a wrong field gets the line of that field, not a
+wall of union-branch errors. Variants that the executor handles differently are
+separate classes (``RebalanceRescan``, ``WaitQmp``, ``AssertCount``...), so it can
+``match`` on the class; their fields mirror the YAML so error paths stay readable.
+
+Steps here are *concrete*: ``${param}`` substitution has already happened
+(``lab.scenario.sweep``), jitter delays are drawn, durations are ``Duration`` values,
+sizes are bytes. Each step remembers where it came from (``.path``, ``.line``,
+``.where``) so the executor can name it in errors and timings.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Union
+
+from pydantic import (BaseModel, ConfigDict, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+
+from lab.scenario.params import draw_int
+from lab.scenario.units import (ZERO, BarSize, BarSizeOrAuto, Bool, Duration, Id, Int,
+                                KindName, MsNumber, Name, QmpEvent, RuleName, SourceName,
+                                Str, check_name)
+from vdevice.catalog import Role, get_model
+from vdevice.errors import SpecError
+from vdevice.yamlsrc import Located, YamlPath, format_path, spec_error, suggest, unknown
+
+PropValue = Union[Str, Int, Bool]
+
+
+class Spec(BaseModel):
+    """Base of every scenario model: frozen, unknown fields refused.
+
+    Also gives every ``Duration`` field ``x`` a twin key ``x_ms`` taking a plain number
+    of milliseconds (``timeout_ms: 500`` is ``timeout: 500ms``), one rule instead of a
+    special case per field.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    _ms_keys: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._ms_keys = {f"{f.alias or n}_ms": f.alias or n for n, f in cls.model_fields.items()
+                        if _mentions(f.annotation, Duration)}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ms_twins(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and cls._ms_keys:
+            out = dict(data)
+            for ms_key, key in cls._ms_keys.items():
+                if ms_key in out:
+                    if key in out:
+                        raise ValueError(f"give either {key} or {ms_key}, not both")
+                    out[key] = MsNumber(out.pop(ms_key))
+            return out
+        return data
+
+
+def _mentions(ann: Any, target: type) -> bool:
+    if ann is target:
+        return True
+    return any(_mentions(a, target) for a in typing.get_args(ann))
+
+
+class StepBase(Spec):
+    """What all steps share: the YAML type key and where the step was written."""
+
+    step_type: ClassVar[str] = ""
+    _ypath: YamlPath = PrivateAttr(default=())
+    _line: int | None = PrivateAttr(default=None)
+    _file: str = PrivateAttr(default="")
+
+    @property
+    def path(self) -> str:
+        """The field path of this step, e.g. ``steps[3]`` or ``steps[5].parallel.yank[0]``."""
+        return format_path(self._ypath)
+
+    @property
+    def yaml_path(self) -> YamlPath:
+        return self._ypath
+
+    @property
+    def line(self) -> int | None:
+        return self._line
+
+    @property
+    def where(self) -> str:
+        """``file:line`` of the step, for error messages and logs."""
+        return f"{self._file}:{self._line}" if self._line else self._file
+
+    def describe(self) -> str:
+        """A one-line human description, e.g. ``plug snd0 (AC97 @ rp1)``."""
+        return self.step_type
+
+    def to_yaml(self) -> dict[str, Any]:
+        """The step as YAML-shaped data (for run.json and logs)."""
+        body = self.model_dump(mode="json", exclude_none=True)
+        return {self.step_type: body or None}
+
+
+# ---- device operations ------------------------------------------------------------------
+
+def _check_model(name: str, *, hotplug: bool) -> str:
+    model = get_model(name)
+    if hotplug and (not model.hotpluggable or model.role == Role.CODEC):
+        raise SpecError(f"{name!r} cannot be hot-plugged ({model.title}); an HDA codec must "
+                        "be placed with its controller in the topology")
+    return name
+
+
+class Plug(StepBase):
+    """Hot-plug a device (QMP ``device_add``); returns once QEMU accepted it.
+
+    ``model``/``port`` may be left out for a device the topology declares.
+    ``size`` is the BAR a pressure-type model asks for (``pci-testdev`` membar).
+    """
+
+    step_type: ClassVar[str] = "plug"
+    device: Id
+    model: Str | None = None
+    port: Id | None = None
+    size: BarSize | None = None
+    props: dict[Str, PropValue] = {}
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str | None) -> str | None:
+        return None if v is None else _check_model(v, hotplug=True)
+
+    def describe(self) -> str:
+        extra = " @ ".join(x for x in (self.model, self.port) if x)
+        return f"plug {self.device}" + (f" ({extra})" if extra else "")
+
+
+class Unplug(StepBase):
+    """Request removal (QMP ``device_del``); returns once QEMU accepted the request.
+
+    Wait for the removal with ``wait: {event: device-deleted, device: X}`` (works for
+    every model; the lab derives it from QOM for ``ich9-intel-hda``, which emits no
+    DEVICE_DELETED in QEMU 7.2) or ``wait: {qmp: DEVICE_DELETED, ...}``.
+    """
+
+    step_type: ClassVar[str] = "unplug"
+    device: Id
+
+    def describe(self) -> str:
+        return f"unplug {self.device}"
+
+
+# ---- rebalance triggers -------------------------------------------------------------
+
+class RebalanceBase(StepBase):
+    step_type: ClassVar[str] = "rebalance"
+
+    def describe(self) -> str:
+        dev = getattr(self, "device", None)
+        return f"rebalance {getattr(self, 'trigger', '?')}" + (f" {dev}" if dev else "")
+
+
+class RebalancePressure(RebalanceBase):
+    """Plug a resource-hungry device so the OS must move windows/BARs around ``device``.
+
+    ``placement``: ``same-port`` (behind the device's own port: only with a switch),
+    ``sibling`` (another port under the same root), ``root`` (a different root port).
+    ``port`` names the pressure device's port explicitly instead. ``size: auto`` lets
+    the lab pick a BAR that does not fit the current window. The pressure device gets
+    QEMU id ``id`` (default ``<device>-pressure``) and counts as plugged afterwards.
+    """
+
+    trigger: Literal["pressure"] = "pressure"
+    device: Id
+    size: BarSizeOrAuto = "auto"
+    placement: Literal["same-port", "sibling", "root"] | None = None
+    port: Id | None = None
+    model: Literal["pci-testdev", "ivshmem-plain"] = "pci-testdev"
+    id: Id | None = None
+
+    @model_validator(mode="after")
+    def _placement(self) -> RebalancePressure:
+        if self.placement is not None and self.port is not None:
+            raise ValueError("give placement or port for the pressure device, not both")
+        return self
+
+    @property
+    def pressure_id(self) -> str:
+        return self.id or f"{self.device}-pressure"
+
+    @property
+    def effective_placement(self) -> str:
+        return self.placement or ("port" if self.port else "sibling")
+
+
+class RebalanceRescan(RebalanceBase):
+    """Make the guest re-enumerate: remove ``remove`` (the device's port, default, or the
+    device itself) in sysfs, then rescan the bus. Linux moves windows and BARs only
+    this way (PLATFORM.md), with driver unbind and rebind."""
+
+    trigger: Literal["rescan"] = "rescan"
+    device: Id
+    remove: Literal["port", "device", "none"] = "port"
+
+
+class RebalanceCpuHotplug(RebalanceBase):
+    """Hot-plug vCPUs (Windows rebalances on its own when it sees them)."""
+
+    trigger: Literal["cpu-hotplug"] = "cpu-hotplug"
+    count: Int = 1
+    device: Id | None = None
+
+    @field_validator("count")
+    @classmethod
+    def _count(cls, v: int) -> int:
+        if not 1 <= v <= 64:
+            raise ValueError(f"count must be 1..64, got {v}")
+        return v
+
+
+class RebalanceReconfigure(RebalanceBase):
+    """Replace ``device`` with the same id but another model and/or properties."""
+
+    trigger: Literal["reconfigure"] = "reconfigure"
+    device: Id
+    model: Str | None = None
+    props: dict[Str, PropValue] = {}
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str | None) -> str | None:
+        return None if v is None else _check_model(v, hotplug=True)
+
+    @model_validator(mode="after")
+    def _something(self) -> RebalanceReconfigure:
+        if self.model is None and not self.props:
+            raise ValueError("reconfigure needs a new model or props (or both)")
+        return self
+
+
+class RebalanceResize(RebalanceBase):
+    """Re-create ``device`` (a pressure device) with a BAR of ``size``."""
+
+    trigger: Literal["resize"] = "resize"
+    device: Id
+    size: BarSize
+
+
+REBALANCE_TRIGGERS: dict[str, type[RebalanceBase]] = {
+    "pressure": RebalancePressure, "rescan": RebalanceRescan,
+    "cpu-hotplug": RebalanceCpuHotplug, "reconfigure": RebalanceReconfigure,
+    "resize": RebalanceResize,
+}
+
+
+# ---- guest, time -----------------------------------------------------------------------
+
+class Guest(StepBase):
+    """Run a command in the guest: ``run`` (a shell line) or ``argv`` (no shell).
+
+    ``background: true`` starts it and goes on; ``name`` then identifies it for
+    ``wait: {job: NAME}`` and its log file. With ``check`` (default) a non-zero exit
+    status fails the iteration like an assert.
+    """
+
+    step_type: ClassVar[str] = "guest"
+    run: Str | None = None
+    argv: tuple[Str, ...] | None = None
+    background: Bool = False
+    name: Name | None = None
+    timeout: Duration | None = None
+    check: Bool = True
+
+    @model_validator(mode="after")
+    def _shape(self) -> Guest:
+        if (self.run is None) == (self.argv is None):
+            raise ValueError("give exactly one of run (a shell command) or argv (a list)")
+        if self.argv is not None and not self.argv:
+            raise ValueError("argv must not be empty")
+        if self.background and not self.name:
+            raise ValueError("a background command needs a name (for wait: {job: NAME} and "
+                             "its log)")
+        return self
+
+    def describe(self) -> str:
+        cmd = self.run if self.run is not None else " ".join(self.argv or ())
+        short = cmd if len(cmd) <= 40 else cmd[:37] + "..."
+        return f"guest{' &' if self.background else ''} {short}"
+
+
+class Sleep(StepBase):
+    """A fixed delay. Use it for timing sweeps, never to wait for something to happen."""
+
+    step_type: ClassVar[str] = "sleep"
+    duration: Duration
+
+    def describe(self) -> str:
+        return f"sleep {self.duration}"
+
+
+class Jitter(StepBase):
+    """A random delay in [min, max], drawn from the iteration seed (``delay``), so a
+    replay of the iteration sleeps exactly as long."""
+
+    step_type: ClassVar[str] = "jitter"
+    max: Duration
+    min: Duration = ZERO
+    delay: Duration | None = None     # drawn by the parser; not written in YAML
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Jitter:
+        if self.min > self.max:
+            raise ValueError(f"jitter min {self.min} is above max {self.max}")
+        return self
+
+    def describe(self) -> str:
+        return f"jitter {self.delay} (<= {self.max})"
+
+
+class Pause(StepBase):
+    """Stop the VM's vCPUs (QMP ``stop``)."""
+
+    step_type: ClassVar[str] = "pause"
+
+
+class Resume(StepBase):
+    """Continue the VM (QMP ``cont``)."""
+
+    step_type: ClassVar[str] = "resume"
+
+
+# ---- waits -------------------------------------------------------------------------------
+
+class WaitBase(StepBase):
+    """Waits match what happened since the previous step started, so an event that
+    fired during a fast operation is not missed. ``timeout`` defaults to the lab's
+    deadline for that kind of wait (``lab.deadline``)."""
+
+    step_type: ClassVar[str] = "wait"
+
+
+class WaitEvent(WaitBase):
+    """Wait for a timeline event of ``event`` kind (optionally for a device/source)."""
+
+    event: KindName
+    device: Id | None = None
+    source: SourceName | None = None
+    timeout: Duration | None = None
+
+    def describe(self) -> str:
+        return f"wait {self.event.value}" + (f" {self.device}" if self.device else "")
+
+
+class WaitQmp(WaitBase):
+    """Wait for a QMP event by name; ``device`` matches its ``data.device``."""
+
+    qmp: QmpEvent
+    device: Id | None = None
+    timeout: Duration | None = None
+
+    def describe(self) -> str:
+        return f"wait qmp {self.qmp}" + (f" {self.device}" if self.device else "")
+
+
+class WaitGuest(WaitBase):
+    """Poll a guest command every ``interval`` until it exits 0."""
+
+    guest: Str | tuple[Str, ...]
+    interval: Duration = Duration(100_000_000)
+    timeout: Duration | None = None
+
+    def describe(self) -> str:
+        cmd = self.guest if isinstance(self.guest, str) else " ".join(self.guest)
+        return f"wait guest {cmd[:40]}"
+
+
+class WaitJob(WaitBase):
+    """Wait for a background guest command to end."""
+
+    job: Name
+    timeout: Duration | None = None
+
+    def describe(self) -> str:
+        return f"wait job {self.job}"
+
+
+WAIT_KINDS: dict[str, type[WaitBase]] = {"event": WaitEvent, "qmp": WaitQmp,
+                                         "guest": WaitGuest, "job": WaitJob}
+
+
+# ---- asserts -----------------------------------------------------------------------------
+
+class AssertBase(StepBase):
+    """Asserts check the events of this iteration recorded up to this step; a failed
+    assert is a violation (status failed, exit 1), like a broken rule."""
+
+    step_type: ClassVar[str] = "assert"
+
+
+def check_known_rule(pattern: str, known: frozenset[str] | None) -> None:
+    """Raise unless ``pattern`` (an id or glob) selects at least one known rule."""
+    if known is None or any(fnmatch.fnmatchcase(k, pattern) for k in known):
+        return
+    raise SpecError(unknown("rule", pattern, sorted(known)))
+
+
+class AssertRule(AssertBase):
+    """Run one rule (or rule set) now, optionally only for one device."""
+
+    rule: RuleName
+    device: Id | None = None
+
+    @field_validator("rule")
+    @classmethod
+    def _known(cls, v: str, info: ValidationInfo) -> str:
+        check_known_rule(v, (info.context or {}).get("known_rules"))
+        return v
+
+    def describe(self) -> str:
+        return f"assert rule {self.rule}"
+
+
+class AssertNoKind(AssertBase):
+    """No event of this kind so far (e.g. ``kernel-oops``)."""
+
+    no_kind: KindName
+    device: Id | None = None
+
+    def describe(self) -> str:
+        return f"assert no {self.no_kind.value}"
+
+
+class AudioCheck(Spec):
+    max_gap: Duration | None = None
+    max_discontinuities: Int | None = None
+
+    @model_validator(mode="after")
+    def _any(self) -> AudioCheck:
+        if self.max_gap is None and self.max_discontinuities is None:
+            raise ValueError("audio needs max_gap (or max_gap_ms) and/or max_discontinuities")
+        if self.max_discontinuities is not None and self.max_discontinuities < 0:
+            raise ValueError("max_discontinuities must be >= 0")
+        return self
+
+
+class AssertAudio(AssertBase):
+    """The captured audio so far has no gap longer than ``max_gap``."""
+
+    audio: AudioCheck
+
+    def describe(self) -> str:
+        return "assert audio"
+
+
+class CountCheck(Spec):
+    kind: KindName
+    device: Id | None = None
+    source: SourceName | None = None
+    eq: Int | None = None
+    min: Int | None = None
+    max: Int | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CountCheck:
+        if self.eq is None and self.min is None and self.max is None:
+            raise ValueError("count needs eq, or min and/or max")
+        if self.eq is not None and (self.min is not None or self.max is not None):
+            raise ValueError("count takes eq, or min/max, not both")
+        for k in ("eq", "min", "max"):
+            v = getattr(self, k)
+            if v is not None and v < 0:
+                raise ValueError(f"count {k} must be >= 0, got {v}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"count min {self.min} is above max {self.max}")
+        return self
+
+    def accepts(self, n: int) -> bool:
+        if self.eq is not None:
+            return n == self.eq
+        return (self.min is None or n >= self.min) and (self.max is None or n <= self.max)
+
+
+class AssertCount(AssertBase):
+    """The number of events of a kind (for a device) is as expected."""
+
+    count: CountCheck
+
+    def describe(self) -> str:
+        return f"assert count {self.count.kind.value}"
+
+
+ASSERT_KINDS: dict[str, type[AssertBase]] = {"rule": AssertRule, "no_kind": AssertNoKind,
+                                             "audio": AssertAudio, "count": AssertCount}
+
+
+# ---- parallel ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Branch:
+    name: str
+    steps: tuple[Step, ...]
+
+
+class Parallel(StepBase):
+    """Run branches concurrently; the step ends when every branch has ended.
+
+    Within a branch steps run in order; across branches there is no order, so a
+    device plugged in one branch cannot be used by another one.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    step_type: ClassVar[str] = "parallel"
+    branches: tuple[Branch, ...]
+
+    def describe(self) -> str:
+        return f"parallel {', '.join(b.name for b in self.branches)}"
+
+    def to_yaml(self) -> dict[str, Any]:
+        return {"parallel": {b.name: [s.to_yaml() for s in b.steps] for b in self.branches}}
+
+
+Step = Union[Plug, Unplug, RebalancePressure, RebalanceRescan, RebalanceCpuHotplug,
+             RebalanceReconfigure, RebalanceResize, Guest, Sleep, Jitter, Pause, Resume,
+             WaitEvent, WaitQmp, WaitGuest, WaitJob, AssertRule, AssertNoKind, AssertAudio,
+             AssertCount, Parallel]
+
+
+# ---- parsing -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParseContext:
+    """What step parsing needs besides the data: the iteration seed (jitter draws) and
+    the rule names the rules engine knows (None: don't check)."""
+
+    seed: int = 0
+    known_rules: frozenset[str] | None = None
+
+
+def parse_steps(located: Located, path: YamlPath, ctx: ParseContext) -> tuple[Step, ...]:
+    """Parse the list of steps at ``path`` (substituted data) into concrete steps."""
+    data = located.get(path)
+    if not isinstance(data, list):
+        raise located.error("steps is a list, each item a mapping with the step type as its "
+                            "only key (e.g. '- plug: {device: snd0}')", path)
+    if not data:
+        raise located.error("there must be at least one step", path)
+    return tuple(parse_step(located, path + (i,), ctx) for i in range(len(data)))
+
+
+def parse_step(located: Located, path: YamlPath, ctx: ParseContext) -> Step:
+    data = located.get(path)
+    if not isinstance(data, Mapping):
+        raise located.error(f"a step is a mapping with one key, its type (one of "
+                            f"{', '.join(STEP_TYPES)}), got {data!r}", path)
+    keys = list(data)
+    if len(keys) != 1:
+        if not keys:
+            raise located.error("empty step", path)
+        known = [k for k in keys if k in STEP_TYPES]
+        hint = (f"; are the fields of {known[0]!r} indented under it?" if len(known) == 1
+                else "; put each step in its own '- ' item" if len(known) > 1 else "")
+        raise located.error(f"a step has exactly one key, its type; found "
+                            f"{', '.join(map(str, keys))}{hint}", path + (keys[1],))
+    typ = keys[0]
+    if typ not in STEP_TYPES:
+        raise located.error(unknown("step type", typ, list(STEP_TYPES)), path + (typ,))
+    step = STEP_TYPES[typ](located, path + (typ,), ctx)
+    step._ypath = path
+    step._line = located.line_of(path)
+    step._file = located.filename
+    return step
+
+
+def _validate(cls: type[StepBase] | type[Spec], located: Located, apath: YamlPath, args: Any,
+              ctx: ParseContext) -> Any:
+    try:
+        return cls.model_validate(args, context={"known_rules": ctx.known_rules})
+    except ValidationError as exc:
+        raise spec_error(exc, located.at(apath), cls) from None
+
+
+def _mapping_or(located: Located, apath: YamlPath, shorthand: str | None,
+                what: str) -> dict[str, Any]:
+    data = located.get(apath)
+    if isinstance(data, Mapping):
+        return dict(data)
+    if data is None:
+        return {}
+    if shorthand is not None and not isinstance(data, list):
+        return {shorthand: data}
+    raise located.error(f"{what} takes a mapping of fields", apath)
+
+
+def _simple(cls: type[StepBase], shorthand: str | None = None
+            ) -> Callable[[Located, YamlPath, ParseContext], Step]:
+    def parse(located: Located, apath: YamlPath, ctx: ParseContext) -> Step:
+        args = _mapping_or(located, apath, shorthand, cls.step_type)
+        return typing.cast(Step, _validate(cls, located, apath, args, ctx))
+    return parse
+
+
+def _parse_guest(located: Located, apath: YamlPath, ctx: ParseContext) -> Step:
+    data = located.get(apath)
+    args = {"argv": data} if isinstance(data, list) else \
+        _mapping_or(located, apath, "run", "guest")
+    return typing.cast(Step, _validate(Guest, located, apath, args, ctx))
+
+
+def _parse_sleep(located: Located, apath: YamlPath, ctx: ParseContext) -> Step:
+    args = _mapping_or(located, apath, "duration", "sleep")
+    if "ms" in args:                     # sleep: {ms: 250}
+        if len(args) != 1:
+            raise located.error("sleep takes either a duration or {ms: N}", apath)
+        args = {"duration": MsNumber(args["ms"])}
+    return typing.cast(Step, _validate(Sleep, located, apath, args, ctx))
+
+
+def _parse_jitter(located: Located, apath: YamlPath, ctx: ParseContext) -> Step:
+    args = _mapping_or(located, apath, "max", "jitter")
+    if "delay" in args:
+        raise located.error("the jitter delay is drawn from the iteration seed; give max "
+                            "(and optionally min)", apath + ("delay",))
+    step = typing.cast(Jitter, _validate(Jitter, located, apath, args, ctx))
+    key = "jitter:" + format_path(apath[:-1])
+    # microsecond resolution: finer than any sleep the host can honour, and readable
+    lo_us, hi_us = -(-step.min.ns // 1000), step.max.ns // 1000
+    delay_ns = draw_int(ctx.seed, key, lo_us, hi_us) * 1000 if hi_us >= lo_us else step.min.ns
+    return step.model_copy(update={"delay": Duration(delay_ns)})
+
+
+def _parse_no_args(cls: type[StepBase]) -> Callable[[Located, YamlPath, ParseContext], Step]:
+    def parse(located: Located, apath: YamlPath, ctx: ParseContext) -> Step:
+        data = located.get(apath)
+        if data not in (None, {}):
+            raise located.error(f"{cls.step_type} takes no arguments (write "
+                                f"'- {cls.step_type}: {{}}')", apath)
+        return typing.cast(Step, cls())
+    return parse
+
+
+def _parse_rebalance(located: Located, apath: YamlPath, ctx: ParseContext) -> Step:
+    data = located.get(apath)
+    if not isinstance(data, Mapping):
+        raise located.error("rebalance takes a mapping with a trigger, e.g. "
+                            "{trigger: rescan, device: snd0}", apath)
+    if "trigger" not in data:
+        raise located.error("rebalance needs a trigger (one of: "
+                            f"{', '.join(REBALANCE_TRIGGERS)})", apath)
+    trig = data["trigger"]
+    if not isinstance(trig, str) or trig not in REBALANCE_TRIGGERS:
+        raise located.error(unknown("trigger", trig, list(REBALANCE_TRIGGERS)),
+                            apath + ("trigger",))
+    cls = REBALANCE_TRIGGERS[trig]
+    return typing.cast(Step, _validate(cls, located, apath, dict(data), ctx))
+
+
+def _one_of_keys(located: Located, apath: YamlPath, kinds: Mapping[str, Any], what: str
+                 ) -> tuple[str, dict[str, Any]]:
+    data = located.get(apath)
+    if not isinstance(data, Mapping):
+        raise located.error(f"{what} takes a mapping with one of: {', '.join(kinds)}", apath)
+    present = [k for k in kinds if k in data]
+    if len(present) != 1:
+        if present:
+            raise located.error(f"{what} takes one of {', '.join(kinds)}; found "
+                                f"{' and '.join(present)}", apath + (present[1],))
+        others = [k for k in data if k not in kinds]
+        close = [k for k in others if suggest(k, list(kinds)) is not None]
+        if close:
+            raise located.error(unknown(f"{what} kind", close[0], list(kinds)),
+                                apath + (close[0],))
+        raise located.error(f"{what} needs one of: {', '.join(kinds)}", apath)
+    return present[0], dict(data)
+
+
+def _parse_wait(located: Located, apath: YamlPath, ctx: ParseContext) -> Step:
+    kind, args = _one_of_keys(located, apath, WAIT_KINDS, "wait")
+    return typing.cast(Step, _validate(WAIT_KINDS[kind], located, apath, args, ctx))
+
+
+def _parse_assert(located: Located, apath: YamlPath, ctx: ParseContext) -> Step:
+    kind, args = _one_of_keys(located, apath, ASSERT_KINDS, "assert")
+    return typing.cast(Step, _validate(ASSERT_KINDS[kind], located, apath, args, ctx))
+
+
+def _parse_parallel(located: Located, apath: YamlPath, ctx: ParseContext) -> Step:
+    data = located.get(apath)
+    branches: list[Branch] = []
+    if isinstance(data, Mapping):
+        for name in data:
+            if not isinstance(name, str):
+                raise located.error(f"branch name {name!r} must be text", apath + (name,))
+            try:
+                check_name(name)
+            except SpecError as exc:
+                raise located.relocate(exc, apath + (name,)) from None
+            branches.append(Branch(name, parse_steps(located, apath + (name,), ctx)))
+    elif isinstance(data, list):
+        for i, item in enumerate(data):
+            if not isinstance(item, list):
+                raise located.error("each parallel branch is a list of steps (or name the "
+                                    "branches: 'parallel: {stream: [...], yank: [...]}')",
+                                    apath + (i,))
+            branches.append(Branch(f"b{i + 1}", parse_steps(located, apath + (i,), ctx)))
+    else:
+        raise located.error("parallel takes branches: a mapping of name to steps, or a list "
+                            "of step lists", apath)
+    if len(branches) < 2:
+        raise located.error("parallel needs at least two branches", apath)
+    return Parallel.model_construct(branches=tuple(branches))
+
+
+STEP_TYPES: dict[str, Callable[[Located, YamlPath, ParseContext], Step]] = {
+    "plug": _simple(Plug, "device"),
+    "unplug": _simple(Unplug, "device"),
+    "rebalance": _parse_rebalance,
+    "guest": _parse_guest,
+    "sleep": _parse_sleep,
+    "jitter": _parse_jitter,
+    "wait": _parse_wait,
+    "pause": _parse_no_args(Pause),
+    "resume": _parse_no_args(Resume),
+    "parallel": _parse_parallel,
+    "assert": _parse_assert,
+}
+
+
+def walk(steps: tuple[Step, ...]) -> typing.Iterator[Step]:
+    """Every step, depth first, including those inside parallel branches."""
+    for s in steps:
+        yield s
+        if isinstance(s, Parallel):
+            for b in s.branches:
+                yield from walk(b.steps)
