@@ -94,6 +94,10 @@ def _print_demo(result) -> None:  # type: ignore[no-untyped-def]
               + (f" (stopped at: {result.stopped_at})" if result.stopped_at else ""))
     if result.error:
         con.print(f"[red]error:[/red] {result.error}")
+    for t in result.timelines:
+        bound = f"±{t['bound_ms']:.3f} ms" if t["bound_ms"] is not None else "unknown"
+        con.print(f"timeline ({t['mode']}): {t['events']} events, guest clock aligned {bound} "
+                  f"— `rebalab timeline {Path(t['path']).parent}`")
     con.print(f"run directory: {result.run_dir}")
 
 
@@ -229,6 +233,44 @@ def _collapse_toggles(events: list) -> list:  # type: ignore[type-arg]
     return events if len(events) <= 12 else events[:4] + events[-8:]
 
 
+def cmd_timeline(args: argparse.Namespace) -> int:
+    """Print a run's timeline.jsonl: host and guest interleaved, in order."""
+    from lab.timeline import Timeline, render_text
+
+    path = Path(args.run_dir)
+    if path.is_dir():
+        found = sorted(path.rglob("timeline.jsonl")) if not (path / "timeline.jsonl").exists() \
+            else [path / "timeline.jsonl"]
+        if args.iteration is not None:
+            found = [p for p in found if f"iterations/{args.iteration}/" in str(p)]
+        if not found:
+            raise UsageError(f"no timeline.jsonl under {path}")
+        if len(found) > 1 and args.iteration is None:
+            names = ", ".join(str(p.relative_to(path)) for p in found[:8])
+            print(f"{len(found)} timelines ({names}); showing the first. Use --iteration K.",
+                  file=sys.stderr)
+        path = found[0]
+    tl = Timeline.read(path)
+    kinds = [k for k in (args.kind or [])]
+    text = render_text(tl, device=args.device, kinds=kinds or None,
+                       sources=args.source or None)
+    print(text)
+    if tl.truncated:
+        print("(the timeline file was cut short: the run was interrupted)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_image_linux(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from lab.image import REPO_ROOT
+
+    cmd = [sys.executable, str(REPO_ROOT / "images" / "linux" / "build.py")]
+    if args.force:
+        cmd.append("--force")
+    return subprocess.call(cmd)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -294,6 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
     r.set_defaults(func=cmd_rebalance)
 
+    t = sub.add_parser("timeline", help="print a run's aligned timeline (host and guest events)")
+    t.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a timeline.jsonl")
+    t.add_argument("--iteration", type=int, help="the iteration of a scenario run")
+    t.add_argument("--device", help="only events of this device (QOM id or BDF)")
+    t.add_argument("--kind", action="append", help="only this event kind (repeatable)")
+    t.add_argument("--source", action="append", help="only this source, e.g. guest.kprobe")
+    t.set_defaults(func=cmd_timeline)
+
+    from lab.windows.cli import add_collect_dump_parser, add_windows_image_parser
+
+    img = sub.add_parser("image", help="build guest images (the built-in Linux one, or Windows "
+                         "from your ISO)")
+    img_sub = img.add_subparsers(dest="image_kind", metavar="KIND", parser_class=_Parser)
+    lin = img_sub.add_parser("linux", help="build the built-in Linux guest (cached: rebuilt only "
+                             "when its inputs change)")
+    lin.add_argument("--force", action="store_true", help="rebuild, with new keys")
+    lin.set_defaults(func=cmd_image_linux)
+    add_windows_image_parser(img_sub)
+    add_collect_dump_parser(sub)
+
     m = sub.add_parser("models", help="list the device models and what the installed QEMU offers")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
@@ -307,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return EXIT_LAB
+        from lab.agent.winrm import install_redaction
+        install_redaction()
         if getattr(args, "accel", None) == "auto":
             args.accel = None
         with graceful():

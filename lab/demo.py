@@ -16,6 +16,7 @@ from lab import operations as ops
 from lab.errors import Interrupted, LabError
 from lab.image import GuestImage
 from lab.machine import Machine
+from lab.observe import Observation
 from lab.rundir import RunDir
 from vdevice.catalog import get_model
 from vdevice.presets import default_topology
@@ -32,6 +33,7 @@ class DemoResult:
     error: str | None = None
     machines: list[dict[str, Any]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
+    timelines: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -40,6 +42,7 @@ class DemoResult:
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "exit_code": self.exit_code, "stopped_at": self.stopped_at,
                 "error": self.error, "machines": self.machines, "steps": self.steps,
+                "timelines": self.timelines,
                 "run_dir": str(self.run_dir)}
 
 
@@ -64,8 +67,10 @@ def run_demo(models: Sequence[str], modes: Sequence[HotplugMode], *, cycles: int
             progress(where)
             machine = Machine(topo, run, image=image, accel=accel,
                               subdir=mode.value if len(modes) > 1 else None)
+            obs: Observation | None = None
             try:
                 machine.start()
+                obs = Observation(machine).start()
                 info = machine.describe()
                 result.machines.append(info)
                 progress(f"guest ready in {machine.timings['boot_to_agent_s']:.2f}s "
@@ -92,6 +97,15 @@ def run_demo(models: Sequence[str], modes: Sequence[HotplugMode], *, cycles: int
                                              "qemu_ms": round(u.durations_ms["qemu_gone"], 1),
                                              "ms": round(u.durations_ms.get("guest_gone", 0), 1)})
             finally:
+                if obs is not None:
+                    try:
+                        tl = obs.finish()
+                        result.timelines.append({"mode": mode.value, "events": len(tl),
+                                                 "bound_ms": tl.bound_ns / 1e6 if tl.bound_ns
+                                                 is not None else None,
+                                                 "path": str(machine.artifacts / "timeline.jsonl")})
+                    except Exception as exc:  # the timeline must not hide the run's own error
+                        run.log(f"timeline assembly failed: {exc!r}")
                 step = machine.stop()
                 if result.machines and result.machines[-1].get("state") != "stopped":
                     result.machines[-1]["stopped_by"] = step
@@ -122,5 +136,9 @@ def render_text(result: DemoResult) -> str:
     for s in result.steps:
         lines.append(f"{s['mode']:8} {s['step']:7} {s.get('model', ''):16} "
                      f"{'ok' if s['ok'] else 'FAILED':8} {s['ms']:>9.1f} ms")
+    for t in result.timelines:
+        bound = f"±{t['bound_ms']:.3f} ms" if t["bound_ms"] is not None else "unknown"
+        lines.append(f"timeline ({t['mode']}): {t['events']} events, guest clock aligned {bound}: "
+                     f"{t['path']}")
     lines.append(f"run directory: {result.run_dir}")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 VENV=.venv
-APT_PKGS=(qemu-system-x86 qemu-utils kmod cpio gzip xz-utils zstd ca-certificates)
+# dosfstools+mtools: the Windows kit builds its provisioning drive as a FAT image
+APT_PKGS=(qemu-system-x86 qemu-utils kmod cpio gzip xz-utils zstd ca-certificates dosfstools mtools)
 if [ -f images/linux/host-packages.txt ]; then
   while read -r p; do
     p=${p%%#*}; p=$(echo "$p" | tr -d '[:space:]')
