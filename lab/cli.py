@@ -233,6 +233,68 @@ def _collapse_toggles(events: list) -> list:  # type: ignore[type-arg]
     return events if len(events) <= 12 else events[:4] + events[-8:]
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from lab.runner import load_scenario
+
+    for f in args.files:
+        sc = load_scenario(Path(f))
+        n = len(sc.sweep())
+        print(f"{f}: ok: scenario {sc.name!r}, {n} iteration{'s' * (n != 1)}, "
+              f"{len(sc.raw_steps)} steps, topology {sc.topology_ref}, "
+              f"hot-plug mode {sc.hotplug_mode or sc.topology.hotplug_mode.value}")
+    return EXIT_OK
+
+
+def _run_scenario(scenario, args: argparse.Namespace, only=None, suffix: str = "") -> int:  # type: ignore[no-untyped-def]
+    from lab.report import RunConsole, print_summary
+    from lab.runner import ScenarioRunner
+
+    total = len(only) if only is not None else len(scenario.sweep())
+    with RunConsole(scenario.name + suffix, total) as ui:
+        runner = ScenarioRunner(scenario, runs_root=Path(args.runs), accel=args.accel,
+                                only=only, name_suffix=suffix, console=ui)
+        ui.note(f"run directory: {runner.run.path}")
+        summary = runner.execute()
+    print_summary(summary)
+    print(f"run directory: {runner.run.path}")
+    print(f"reports: {runner.run.path / 'report.html'}, {runner.run.path / 'junit.xml'}")
+    return int(summary.exit_code)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lab.runner import load_scenario
+
+    scenario = load_scenario(Path(args.scenario))
+    only = None
+    if args.iteration is not None:
+        n = len(scenario.sweep())
+        bad = [k for k in args.iteration if not 0 <= k < n]
+        if bad:
+            raise UsageError(f"--iteration {bad[0]} does not exist (0..{n - 1})")
+        only = args.iteration
+    return _run_scenario(scenario, args, only)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Run exactly iteration K of an earlier run again: same scenario text, same seed."""
+    from lab.runner import resolve_topology
+    from lab.scenario import validate_text
+
+    run_dir = Path(args.run_dir)
+    try:
+        meta = json.loads((run_dir / "run.json").read_text())
+        text = (run_dir / "scenario.yaml").read_text()
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{run_dir} is not a scenario run directory ({exc})") from None
+    base = meta.get("base_dir")
+    scenario = validate_text(text, meta.get("scenario_file") or str(run_dir / "scenario.yaml"),
+                             resolve_topology, base_dir=Path(base) if base else run_dir)
+    n = len(scenario.sweep())
+    if not 0 <= args.iteration < n:
+        raise UsageError(f"--iteration {args.iteration} does not exist in {run_dir} (0..{n - 1})")
+    return _run_scenario(scenario, args, [args.iteration], suffix=f"-replay-{args.iteration}")
+
+
 def cmd_timeline(args: argparse.Namespace) -> int:
     """Print a run's timeline.jsonl: host and guest interleaved, in order."""
     from lab.timeline import Timeline, render_text
@@ -335,6 +397,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconfigure: a property of the new device (repeatable), e.g. msi=off")
     common(r)
     r.set_defaults(func=cmd_rebalance)
+
+    v = sub.add_parser("validate", help="check scenario files without starting anything")
+    v.add_argument("files", nargs="+", metavar="FILE")
+    v.set_defaults(func=cmd_validate)
+
+    rn = sub.add_parser("run", help="run a scenario: iterations, rules, reports (JUnit, HTML)")
+    rn.add_argument("scenario", metavar="SCENARIO.yaml")
+    rn.add_argument("--iteration", type=int, action="append",
+                    help="run only this iteration (repeatable)")
+    common(rn)
+    rn.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("replay", help="run one iteration of an earlier run again, same seed")
+    rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.add_argument("--iteration", type=int, required=True, metavar="K")
+    common(rp)
+    rp.set_defaults(func=cmd_replay)
 
     t = sub.add_parser("timeline", help="print a run's aligned timeline (host and guest events)")
     t.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a timeline.jsonl")

@@ -208,8 +208,7 @@ class Machine:
             self.stopped_at = "booting the guest"
             self.qmp.execute("cont")
             t_cont = time.monotonic()
-            self.run.record(Event(time.time_ns(), Source.HOST_LAB, Kind.OPERATION,
-                                  data={"name": "boot", "phase": "start"}))
+            t_cont_ns = time.time_ns()
             self.console.wait_for(self.image.ready_marker, timeout=seconds("boot_marker"),
                                   what="the guest's ready marker on the serial console",
                                   alive=self.process.alive)
@@ -221,8 +220,9 @@ class Machine:
             self.timings["boot_to_agent_s"] = time.monotonic() - t_cont
             self.timings["launch_to_agent_s"] = time.monotonic() - t_launch
             self.timings["start_total_s"] = time.monotonic() - t_start
-            self.run.record(Event(time.time_ns(), Source.HOST_LAB, Kind.OPERATION,
-                                  data={"name": "boot", "phase": "ready",
+            self.run.record(Event(t_cont_ns, Source.HOST_LAB, Kind.OPERATION,
+                                  duration_ns=time.time_ns() - t_cont_ns,
+                                  data={"name": "boot",
                                         "boot_to_agent_s": self.timings["boot_to_agent_s"]}))
             self.run.log(f"guest ready: marker {self.timings['boot_to_marker_s']:.2f}s, "
                          f"agent {self.timings['boot_to_agent_s']:.2f}s after cont")

@@ -36,7 +36,7 @@ class ClockSync:
         self.sent: dict[str, int] = {}
         self.prefix = f"{m.ssh_port or 0:x}"
 
-    def burst(self, n: int = 12, *, timeout: float = 3.0) -> int:
+    def burst(self, n: int = 24, *, timeout: float = 3.0) -> int:
         """Send ``n`` tokens one at a time; return how many came back."""
         if self.m.sync is None or self.m.console is None:
             return 0
@@ -134,26 +134,37 @@ class Observation:
         alive = self.m.process is not None and self.m.process.alive()
         if alive:
             self.sync.burst()
+        tl = self._build(guest_events, alive)
+        tl.write(path or self.m.artifacts / f"{self.name}.jsonl")
+        self.timeline = tl
+        return tl
+
+    def snapshot(self) -> Timeline:
+        """The timeline so far, tracing goes on (for asserts in the middle of a run)."""
+        alive = self.m.process is not None and self.m.process.alive()
+        if alive:
+            self.sync.burst(4)
+            time.sleep(0.05)   # let in-flight trace lines arrive
+        return self._build(self.tracer.snapshot() if self.tracer else [], alive)
+
+    def _build(self, guest_events: list[Event], alive: bool) -> Timeline:
         lines = [(ln.t_host_ns, ln.text) for ln in
                  (self.m.console.lines() if self.m.console else [])]
         samples = self.sync.samples(lines)
-        host = _read_events(self.m.run.path / "events.jsonl", self.start_ns)
+        host = [e for e in self.m.run.events if e.t_host_ns >= self.start_ns]
         # a QMP stop/cont stops the guest clock under TCG: the fit is piecewise between pauses
         alignment = clock.estimate(samples, pauses=clock.pauses_from_events(host))
         trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns)
-        console_events = [e for e in events_from_console(lines[self._console_cursor:])]
+        console_events = events_from_console(lines[self._console_cursor:])
         meta: dict[str, Any] = {"accelerator": self.m.accel.name if self.m.accel else None,
                                 "samples": {"two_way": sum(1 for s in samples if s.kind == "two-way"),
                                             "one_way": sum(1 for s in samples if s.kind != "two-way")},
                                 "kprobes": [s.func for s in self.tracer.active] if self.tracer else [],
                                 "kprobes_missing": list(self.tracer.missing) if self.tracer else [],
                                 "guest_alive_at_end": alive}
-        tl = Timeline.build({"host": host, "trace": trace, "console": console_events,
-                             "kprobe": guest_events}, alignment=alignment,
-                            devices=device_bindings(host), meta=meta)
-        tl.write(path or self.m.artifacts / f"{self.name}.jsonl")
-        self.timeline = tl
-        return tl
+        return Timeline.build({"host": host, "trace": trace, "console": console_events,
+                               "kprobe": guest_events}, alignment=alignment,
+                              devices=device_bindings(host), meta=meta)
 
     def __enter__(self) -> Observation:
         return self.start()

@@ -9,6 +9,7 @@ detection costs one SSH round trip in total instead of one per poll.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -123,10 +124,17 @@ def _record(m: Machine, kind: Kind, dev: Device, bdf: str | None, **data: Any) -
     return t
 
 
+def _span(m: Machine, name: str, dev: Device, bdf: str | None, start_ns: int) -> None:
+    """The operation as a phase (start + duration) for the rules' phase names."""
+    m.run.record(Event(start_ns, Source.HOST_LAB, Kind.OPERATION, DeviceId(qom=dev.id, bdf=bdf),
+                       duration_ns=time.time_ns() - start_ns, data={"name": name}))
+
+
 # ---- operations ----------------------------------------------------------------------
 
 def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
-         timeout: float | None = None) -> OperationResult:
+         timeout: float | None = None,
+         on_requested: Callable[[], None] | None = None) -> OperationResult:
     """Hot-plug ``dev`` and wait until its Linux driver is bound in the guest."""
     m.require_running()
     assert m.qmp is not None and m.agent is not None
@@ -157,6 +165,8 @@ def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
         res.durations_ms["device_add"] = (time.monotonic() - t0) * 1e3
         m.present.add(dev.id)
         m.topology = m.topology.with_device(replace(dev, placement=Placement.HOT))
+        if on_requested is not None:
+            on_requested()
         if chan is not None:
             r = m.agent.collect(chan, "wait for driver bound", timeout + 5)
             chan = None
@@ -168,6 +178,7 @@ def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
             res.details["bound_evidence"] = r.stdout.split()[1] if r.stdout.strip() else "?"
             _record(m, Kind.BOUND, dev, bdf, driver=expect, evidence=res.details["bound_evidence"],
                     after_ms=res.durations_ms["bound"])
+        _span(m, "plug", dev, bdf, res.started_ns)
         m.run.log(f"plug {dev.id} ({model.driver}) into {dev.port} at {bdf}: "
                   + ", ".join(f"{k} {v:.1f} ms" for k, v in res.durations_ms.items()))
         return res
@@ -180,7 +191,8 @@ def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
             chan.close()
 
 
-def unplug(m: Machine, dev_id: str, *, timeout: float | None = None) -> OperationResult:
+def unplug(m: Machine, dev_id: str, *, timeout: float | None = None,
+           on_requested: Callable[[], None] | None = None) -> OperationResult:
     """Unplug and wait until the device is gone from QEMU and from the guest."""
     m.require_running()
     assert m.qmp is not None and m.agent is not None
@@ -200,6 +212,8 @@ def unplug(m: Machine, dev_id: str, *, timeout: float | None = None) -> Operatio
         t0 = time.monotonic()
         res.started_ns = _record(m, Kind.UNPLUG_REQUEST, dev, bdf)
         _device_del(m, dev.id, timeout)
+        if on_requested is not None:
+            on_requested()
         if model.emits_device_deleted:
             m.qmp.wait_event("DEVICE_DELETED", after=cursor, timeout=timeout,
                              match=lambda ev: (ev.get("data") or {}).get("device") == dev.id,
@@ -222,6 +236,7 @@ def unplug(m: Machine, dev_id: str, *, timeout: float | None = None) -> Operatio
         if topo_mod.needs_memdev(dev):
             m.qmp.execute("object-del", {"id": topo_mod.memdev_id(dev)})
         m.present.discard(dev.id)
+        _span(m, "unplug", dev, bdf, res.started_ns)
         m.run.log(f"unplug {dev.id}: " + ", ".join(f"{k} {v:.1f} ms"
                                                   for k, v in res.durations_ms.items()))
         return res

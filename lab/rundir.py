@@ -42,6 +42,7 @@ class RunDir:
         self._log = open(self.path / "lab.log", "a", buffering=1, encoding="utf-8")
         self._events = open(self.path / "events.jsonl", "a", buffering=1, encoding="utf-8")
         self._seq = 0
+        self.events: list[Event] = []   # the same events, in memory, for live waits
 
     # ---- logs -----------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -55,6 +56,7 @@ class RunDir:
         """Append a host-observed event to events.jsonl (raw, before alignment)."""
         with self._lock:
             self._seq += 1
+            self.events.append(event)
             if not self._events.closed:
                 self._events.write(event.dumps() + "\n")
         return event

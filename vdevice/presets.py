@@ -12,6 +12,7 @@ def default_topology(mode: HotplugMode = HotplugMode.ACPI, *, model: str = "ich9
         hotplug_mode=mode,
         ports=tuple(Port(f"rp{i}", chassis=i, slot=i) for i in range(1, 5)),
         devices=(Device("snd0", model, "rp1", Placement.HOT),),
+        max_cpus=2,   # one free vCPU slot for the cpu-hotplug trigger
     )
 
 

@@ -113,13 +113,28 @@ class SshAgent(Agent):
 
     # ---- commands -----------------------------------------------------------------
     def open(self, command: str) -> paramiko.Channel:
-        """Start ``command`` and return its channel (for callers that pipeline waits)."""
-        try:
-            chan = self._transport().open_session(timeout=5)
-            chan.exec_command(self._wrap(command))
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise AgentError(f"could not start guest command {command!r}: {exc}") from exc
-        return chan
+        """Start ``command`` and return its channel (for callers that pipeline waits).
+
+        Opening a channel is retried a few times: dropbear has been seen to close a
+        new session channel at once ("Channel closed") while others were being torn
+        down; nothing ran yet, so a retry is safe.
+        """
+        last: Exception | None = None
+        for attempt in range(4):
+            chan = None
+            try:
+                chan = self._transport().open_session(timeout=5)
+                chan.exec_command(self._wrap(command))
+                return chan
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                last = exc
+                if chan is not None:
+                    chan.close()
+                if "closed" not in str(exc).lower() and not isinstance(
+                        exc, paramiko.ChannelException):
+                    break
+                time.sleep(0.02 * (attempt + 1))
+        raise AgentError(f"could not start guest command {command!r}: {last}") from last
 
     def _drain(self, chan: paramiko.Channel, what: str, timeout: float,
                stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
