@@ -36,6 +36,13 @@ class Defaults:
     guest_gone: float = 20.0
     shutdown_step: float = 5.0
     kvm_probe: float = 12.0
+    # Windows guests (KVM only). Readiness is the agent answering after a full Windows
+    # boot, which on a fresh overlay includes device setup: minutes, not seconds.
+    windows_ready: float = 900.0
+    # Stop-Computer / the ACPI power button until QEMU exits (-no-reboot)
+    windows_shutdown: float = 120.0
+    # after a bug check: Windows writes the dump to the page file, then resets
+    windows_crash_dump: float = 300.0
 
 
 def scale() -> float:

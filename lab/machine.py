@@ -1,5 +1,11 @@
 """One lab VM: the QEMU process, its QMP session, console, sync port and guest agent.
 
+What differs per guest (boot arguments, readiness, the agent, the polite shutdown, per-run
+disk overlays) comes from a ``lab.guest.GuestBoot``: ``LinuxGuest`` (the built-in image,
+the default, also what ``image=`` builds) or ``WindowsGuest``. The Machine keeps what every
+guest shares: the process, QMP, the serial ports, the 0700 private directory, the
+127.0.0.1-only agent forward, the shutdown ladder, and the mapping of QMP events.
+
 State is explicit (``MachineState``) and moves one way: NEW -> STARTING -> RUNNING ->
 STOPPING -> STOPPED (or FAILED from anywhere). ``Machine`` is a context manager: an
 exception, a failed test or Ctrl-C inside the ``with`` leaves no QEMU process, no
@@ -24,18 +30,24 @@ from typing import Any
 
 from lab import accel as accel_mod
 from lab import qemu_caps
+from lab.agent.base import Agent
 from lab.agent.ssh import SshAgent
 from lab.console import Console, SyncPort
 from lab.deadline import seconds
-from lab.errors import LabError, QemuError
-from lab.events import Event, Kind, Source
+from lab.errors import ConfigError, LabError, QemuError
+from lab.events import DeviceId, Event, Kind, Source
+from lab.guest import BootFiles, GuestBoot, GuestPanicked, LinuxGuest
 from lab.image import GuestImage
 from lab.qemu_process import QemuProcess
 from lab.qmp import QmpSession
 from lab.rundir import RunDir
+from lab.windows.panic import panic_event
 from vdevice import topology as topo_mod
 from vdevice.inventory import QemuInventory
 from vdevice.topology import Topology
+
+__all__ = ["Machine", "MachineState", "GuestPanicked", "free_port", "AUDIODEV_ID",
+           "DEFAULT_TRACE_EVENTS"]
 
 AUDIODEV_ID = "audio0"
 # on from the first instruction, so the trace parser knows every device's command
@@ -72,17 +84,24 @@ def free_port() -> int:
 
 
 class Machine:
-    def __init__(self, topology: Topology, run: RunDir, *, image: GuestImage | None = None,
+    """One VM. ``guest`` says what boots; ``image=`` (the older form) means LinuxGuest(image)."""
+
+    def __init__(self, topology: Topology, run: RunDir, *, guest: GuestBoot | None = None,
+                 image: GuestImage | None = None,
                  accel: str | None = None, inventory: QemuInventory | None = None,
                  binary: str | None = None, audio_capture: bool = False,
                  extra_args: Sequence[str] = (), trace_events: Sequence[str] = DEFAULT_TRACE_EVENTS,
                  subdir: str | None = None) -> None:
+        if guest is not None and image is not None:
+            raise ConfigError("give Machine a guest or an image, not both "
+                              "(image=X is short for guest=LinuxGuest(X))")
         self.binary = binary or qemu_caps.find_binary()
         self.inventory = inventory or qemu_caps.probe(self.binary)
+        self.guest: GuestBoot = guest or LinuxGuest(image or GuestImage.load())
+        topology = self.guest.adjust_topology(topology)
         topo_mod.validate(topology, self.inventory)
         self.topology = topology
         self.run = run
-        self.image = image or GuestImage.load()
         self._want_accel = accel
         self.accel: accel_mod.Accel | None = None
         # artifacts of this machine (a run with several machines gives each a subdir)
@@ -96,16 +115,48 @@ class Machine:
         # ids of devices in QEMU right now (cold ones from boot; plug/unplug keep it)
         self.present: set[str] = {d.id for d in topology.devices
                                   if d.placement == topo_mod.Placement.COLD}
+        # host port forwarded (on 127.0.0.1 only) to the guest's agent port: 22 or 5986
         self.ssh_port: int | None = None
         self.process: QemuProcess | None = None
         self.qmp: QmpSession | None = None
         self.console: Console | None = None
         self.sync: SyncPort | None = None
         self.trace_port: Console | None = None
-        self.agent: SshAgent | None = None
+        self.agent: Agent | None = None
+        self.boot_files: BootFiles | None = None    # the guest's per-machine files
+        self.panic: Event | None = None             # the first GUEST_PANICKED, if any
+        self.guest_files: dict[str, Any] = {}       # what release() did with them
+        self.timings_stop: str | None = None
         self.timings: dict[str, float] = {}
         self.stopped_at: str | None = None
         self._lock = threading.Lock()
+
+    @property
+    def image(self) -> GuestImage:
+        """The built-in Linux image this machine boots (Linux guests only)."""
+        if isinstance(self.guest, LinuxGuest):
+            return self.guest.image
+        raise LabError(f"this machine boots a {self.guest.os} guest, not the built-in Linux image")
+
+    @property
+    def ssh_agent(self) -> SshAgent:
+        """The agent as an SSH agent, for callers that pipeline waits with ``open``/``collect``.
+
+        ``agent`` is typed ``Agent`` since a Windows guest may be reached over WinRM,
+        which has no such channels; this says so clearly instead of an AttributeError.
+        """
+        if isinstance(self.agent, SshAgent):
+            return self.agent
+        raise LabError(f"this operation needs an SSH agent; the {self.guest.os} guest's agent is "
+                       f"{type(self.agent).__name__ if self.agent else 'not connected'}")
+
+    @property
+    def agent_port(self) -> int | None:
+        """The host end of the agent forward (``ssh_port`` keeps its old name for callers)."""
+        return self.ssh_port
+
+    def log(self, message: str) -> None:
+        self.run.log(message)
 
     # ---- state -----------------------------------------------------------------------
     def _to(self, state: MachineState) -> None:
@@ -129,14 +180,13 @@ class Machine:
         art, priv = self.artifacts, self.private
         audio = (f"wav,id={AUDIODEV_ID},path={topo_mod.qemu_opt(self.audio_path)}"
                  if self.audio_path else f"none,id={AUDIODEV_ID}")
-        cmdline = " ".join([self.image.cmdline, *self.topology.kernel_args])
+        guest = self.guest.qemu_args(self, self.boot_files or BootFiles())
         return [
             self.binary, "-name", f"rebalab,debug-threads=on", "-nodefaults", "-no-user-config",
             "-display", "none", "-no-reboot", "-S",
             *self.accel.qemu_args(),
             *topo_mod.machine_args(self.topology, audiodev=AUDIODEV_ID),
-            "-kernel", str(self.image.kernel()), "-initrd", str(self.image.initrd),
-            "-append", cmdline,
+            *guest.boot,
             "-chardev", f"socket,id=qmp0,path={priv / 'qmp.sock'},server=on,wait=off",
             "-mon", "chardev=qmp0,mode=control",
             "-chardev", f"socket,id=con0,path={priv / 'console.sock'},server=on,wait=off",
@@ -146,8 +196,7 @@ class Machine:
             # ttyS2: guest trace stream (kprobes), independent of SSH and the network
             "-chardev", f"socket,id=trace0,path={priv / 'trace.sock'},server=on,wait=off",
             "-serial", "chardev:trace0",
-            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-            "-device", "virtio-net-pci,netdev=n0,bus=pcie.0",
+            *guest.network,
             "-audiodev", audio,
             "-D", str(art / "qemu-trace.log"), "-msg", "timestamp=on",
             *[a for ev in self.trace_events for a in ("-trace", ev)],
@@ -156,18 +205,28 @@ class Machine:
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> Machine:
+        """Boot the guest and connect its agent.
+
+        Order matters: the accelerator and the guest's preflight checks come first, so a
+        guest that cannot run here (Windows under TCG) is refused before any directory,
+        overlay or process exists.
+        """
         self._to(MachineState.STARTING)
         _LIVE.add(self)
-        self.private = Path(tempfile.mkdtemp(prefix="rebalab-"))
-        os.chmod(self.private, 0o700)
         t_start = time.monotonic()
         self.stopped_at = "choosing the accelerator"
         try:
             t = time.monotonic()
-            self.accel = accel_mod.choose(self.binary, self.image, want=self._want_accel)
+            self.accel = self.guest.choose_accel(self.binary, self._want_accel)
             self.timings["accel_choice_s"] = time.monotonic() - t
             self.run.log(f"accelerator {self.accel.name}: {self.accel.reason}"
                          + (" (cached verdict)" if self.accel.cached else ""))
+            self.stopped_at = f"checking the {self.guest.os} guest"
+            self.guest.preflight(self.binary, self.inventory, self.accel, self.run.log)
+            self.private = Path(tempfile.mkdtemp(prefix="rebalab-"))
+            os.chmod(self.private, 0o700)
+            self.stopped_at = f"preparing the {self.guest.os} guest's files"
+            self.boot_files = self.guest.prepare(self)
             for attempt in range(3):
                 self.ssh_port = free_port()
                 argv = self.argv()
@@ -195,7 +254,8 @@ class Machine:
                     raise QemuError(f"QEMU did not start: {tail or 'no error output'} "
                                     f"(command line in {self.artifacts / 'qemu-cmdline.txt'})")
             else:
-                raise QemuError("could not find a free port for the SSH forward in 3 tries")
+                raise QemuError(f"could not find a free port for the {self.guest.agent_kind} "
+                                "forward in 3 tries")
             assert self.qmp is not None
             self.qmp.on_event.append(self._on_qmp_event)
             self.console = Console(self.private / "console.sock", self.artifacts / "console.log")
@@ -209,14 +269,10 @@ class Machine:
             self.qmp.execute("cont")
             t_cont = time.monotonic()
             t_cont_ns = time.time_ns()
-            self.console.wait_for(self.image.ready_marker, timeout=seconds("boot_marker"),
-                                  what="the guest's ready marker on the serial console",
-                                  alive=self.process.alive)
-            self.timings["boot_to_marker_s"] = time.monotonic() - t_cont
+            self.guest.wait_boot(self)
             self.stopped_at = "connecting the guest agent"
-            self.agent = SshAgent("127.0.0.1", self.ssh_port, str(self.image.ssh.get("user", "root")),
-                                  self.image.ssh_key, self.image.host_key, log=self.run.log)
-            self.agent.wait_ready(seconds("agent_ready"))
+            self.agent = self.guest.make_agent(self)
+            self.guest.wait_agent(self, self.agent)
             self.timings["boot_to_agent_s"] = time.monotonic() - t_cont
             self.timings["launch_to_agent_s"] = time.monotonic() - t_launch
             self.timings["start_total_s"] = time.monotonic() - t_start
@@ -224,8 +280,9 @@ class Machine:
                                   duration_ns=time.time_ns() - t_cont_ns,
                                   data={"name": "boot",
                                         "boot_to_agent_s": self.timings["boot_to_agent_s"]}))
-            self.run.log(f"guest ready: marker {self.timings['boot_to_marker_s']:.2f}s, "
-                         f"agent {self.timings['boot_to_agent_s']:.2f}s after cont")
+            marker = self.timings.get("boot_to_marker_s")
+            self.run.log("guest ready: " + (f"marker {marker:.2f}s, " if marker is not None else "")
+                         + f"agent {self.timings['boot_to_agent_s']:.2f}s after cont")
             self.stopped_at = None
             self._to(MachineState.RUNNING)
             return self
@@ -244,17 +301,39 @@ class Machine:
 
     def _on_qmp_event(self, ev: dict[str, Any]) -> None:
         name = ev.get("event", "")
-        kind = {"DEVICE_DELETED": Kind.DEVICE_DELETED, "GUEST_PANICKED": Kind.GUEST_PANICKED,
+        if name == "GUEST_PANICKED":
+            self._on_panic(ev)
+            return
+        kind = {"DEVICE_DELETED": Kind.DEVICE_DELETED,
                 "STOP": Kind.PAUSE, "RESUME": Kind.RESUME}.get(name, Kind.QMP_EVENT)
         data = ev.get("data") or {}
         dev = data.get("device") if isinstance(data, dict) else None
-        from lab.events import DeviceId
         self.run.record(Event(int(ev["t_host_ns"]), Source.HOST_QMP, kind,
                               DeviceId(qom=dev) if dev else None,
                               data={"event": name, **({"data": data} if data else {})}))
 
+    def _on_panic(self, ev: dict[str, Any]) -> None:
+        """GUEST_PANICKED: record it for the ``bugcheck`` check and end waits on the guest.
+
+        The event's data carries QEMU's ``action`` and ``info`` at the top level (what
+        the kernel-oops rule reads) and ``bugcheck``, the decoded stop code, name and
+        parameters from ``lab.windows.panic`` (with hv-crash; "code unknown" otherwise).
+        """
+        raw = {k: v for k, v in ev.items() if k != "t_host_ns"}
+        data: dict[str, Any] = ev["data"] if isinstance(ev.get("data"), dict) else {}
+        described = panic_event(raw, int(ev["t_host_ns"]))
+        event = Event(described.t_host_ns, Source.HOST_QMP, Kind.GUEST_PANICKED,
+                      data={"event": "GUEST_PANICKED", **({"data": data} if data else {}),
+                            "action": data.get("action"), "info": data.get("info") or {},
+                            "bugcheck": described.data["bugcheck"]})
+        self.run.record(event)
+        if self.panic is None:
+            self.panic = event
+        self.run.log(f"GUEST_PANICKED: {event.data['bugcheck']['description']}")
+
     def dmesg(self) -> str | None:
-        if self.agent is None:
+        """The Linux guest's kernel log, or None (no agent, not Linux, no answer)."""
+        if self.agent is None or not isinstance(self.guest, LinuxGuest):
             return None
         try:
             return self.agent.run("dmesg", timeout=10).stdout
@@ -262,7 +341,13 @@ class Machine:
             return None
 
     def stop(self) -> str | None:
-        """Shut down with the ladder; collect guest dmesg first when the guest answers."""
+        """Shut down with the ladder; let the guest collect what it needs first.
+
+        Ladder: the guest's polite steps (Linux: ``poweroff -f``; Windows: wait for the
+        crash dump after a bug check, else ``Stop-Computer -Force``, then the ACPI power
+        button), QMP ``quit``, then SIGTERM, SIGKILL and a check that QEMU is gone. The
+        guest's per-machine files are released only after QEMU is gone.
+        """
         with self._lock:
             if self.state in (MachineState.STOPPED,):
                 return None
@@ -272,18 +357,10 @@ class Machine:
             self._to(MachineState.STOPPING)
             step: str | None = None
             try:
-                if self.process is not None and self.process.alive() and self.agent is not None:
-                    text = self.dmesg()
-                    if text is not None:
-                        (self.artifacts / "dmesg.txt").write_text(text)
-                polite: list[tuple[str, Any]] = []
-                if self.agent is not None:
-                    agent = self.agent
-                    polite.append(("guest-poweroff",
-                                   lambda: agent.open("poweroff -f") and None))
-                if self.qmp is not None:
-                    q = self.qmp
-                    polite.append(("qmp-quit", lambda: q.execute("quit", timeout=2)))
+                if self.process is not None and self.process.alive() and self.agent is not None \
+                        and self.panic is None:
+                    self.guest.before_stop(self, self.agent)
+                polite = self.guest.shutdown_steps(self, self.agent)
                 if self.process is not None:
                     step = self.process.stop(polite, step_timeout=seconds("shutdown_step"))
                     self.timings_stop = step
@@ -296,6 +373,11 @@ class Machine:
                             pass
                 if self.private is not None:
                     shutil.rmtree(self.private, ignore_errors=True)
+                if self.boot_files is not None:
+                    try:
+                        self.guest_files = self.guest.release(self, self.boot_files)
+                    except Exception as exc:   # never mask the stop itself
+                        self.run.log(f"releasing the guest's files failed: {exc!r}")
                 self.run.log(f"machine stopped ({step})")
                 self.state = MachineState.STOPPED
                 _LIVE.discard(self)
@@ -309,6 +391,9 @@ class Machine:
 
     # ---- helpers for operations ------------------------------------------------------
     def require_running(self) -> None:
+        """Raise unless the VM can take an operation; a bug check comes first (it is the cause)."""
+        if self.panic is not None:
+            raise GuestPanicked(self.panic)
         if self.state != MachineState.RUNNING:
             raise LabError(f"machine is {self.state.value}, not running")
         if self.process is None or not self.process.alive():
@@ -319,12 +404,15 @@ class Machine:
         return {
             "qemu": {"binary": self.binary, "version": self.inventory.version_str},
             "accelerator": self.accel.to_json() if self.accel else None,
-            "image": self.image.describe(),
+            "image": self.guest.describe_image(),
+            "guest": self.guest.describe(),
             "topology": self.topology.to_json(),
             "ssh_port": self.ssh_port,
             "timings": self.timings,
             "state": self.state.value,
             "stopped_at": self.stopped_at,
+            "guest_files": self.guest_files,
+            "panic": self.panic.data.get("bugcheck") if self.panic else None,
             "pid": self.process.pid if self.process else None,
             "pid_self": os.getpid(),
         }
