@@ -271,20 +271,26 @@ class LinuxDriverRule:
                         alignment_bound_ns=bound))
                 start = None
 
+            # Exposure needs both halves of what the hardware does: the command register
+            # enabling decode (the edges) and a BAR actually mapped. QEMU unmaps the BARs
+            # without a command write when the guest powers the slot off (native
+            # unplug), a second or more before it deletes the device.
+            edge_on = False
+            seen_mapping = False
             for ev in merged:
                 k = ev.kind
-                if use_edges and k == Kind.DECODE_ON:
-                    decode = True
-                elif use_edges and k == Kind.DECODE_OFF:
-                    decode = False
-                elif not use_edges and k == Kind.BAR_MAPPED:
+                if k == Kind.DECODE_ON:
+                    edge_on = True
+                elif k == Kind.DECODE_OFF:
+                    edge_on = False
+                elif k == Kind.BAR_MAPPED:
                     mapped.add(ev.data.get("bar", ev.seq))
-                    decode = True
-                elif not use_edges and k == Kind.BAR_UNMAPPED:
+                    seen_mapping = True
+                elif k == Kind.BAR_UNMAPPED:
                     mapped.discard(ev.data.get("bar"))
-                    decode = bool(mapped)
+                    seen_mapping = True
                 elif k == Kind.DEVICE_DELETED:
-                    decode, mapped = False, set()
+                    edge_on, mapped = False, set()
                 elif k == Kind.PROBE_ENTER:
                     probe_depth += 1
                     control = True
@@ -300,6 +306,8 @@ class LinuxDriverRule:
                     control = False
                 else:
                     continue
+                has_bar = bool(mapped) or (use_edges and not seen_mapping)
+                decode = (edge_on if use_edges else True) and has_bar
                 exposed = decode and control is False
                 if exposed and start is None:
                     start = ev

@@ -158,6 +158,25 @@ def test_bar_mappings_stand_in_for_decode_edges() -> None:
     assert run(*seq[:3] + [h(100, Kind.BAR_UNMAPPED, bar=0)]) == []
 
 
+def test_slot_power_off_unmaps_the_bars_without_a_command_write() -> None:
+    """Native unplug as QEMU 7.2 traces it: the guest removes the driver, powers the slot
+    off (QEMU unmaps the BARs at once, the command register still says decode on), and
+    QEMU deletes the device about a second later, when the power indicator goes off."""
+    plug = [g(1, Kind.PROBE_ENTER), h(2, Kind.DECODE_ON),
+            h(2.1, Kind.BAR_MAPPED, bar=0, addr=0x1000, size=0x400),
+            h(2.2, Kind.BAR_MAPPED, bar=1, addr=0x1400, size=0x100),
+            g(3, Kind.PROBE_EXIT, ret=0)]
+    unplug = [g(5000, Kind.REMOVE_ENTER), g(5000.2, Kind.REMOVE_EXIT),
+              h(5006, Kind.BAR_UNMAPPED, bar=0, addr=0x1000, size=0x400),
+              h(5006.5, Kind.BAR_UNMAPPED, bar=1, addr=0x1400, size=0x100),
+              h(6100, Kind.DEVICE_DELETED, dev=DeviceId(qom="snd0"), src=Source.HOST_QMP)]
+    assert run(*plug, *unplug) == []
+    # one BAR left mapped is still exposure: flagged, from the remove to the deletion
+    vs = violations(*plug, *[e for e in unplug if e.data.get("bar") != 1])
+    assert [v.rule for v in vs] == ["linux.decode-unbound"]
+    assert vs[0].details["duration_ns"] == int(6100 * MS) - int(5000.2 * MS)
+
+
 def test_decode_before_first_probe_only_when_start_state_known() -> None:
     seq = [h(0, Kind.DECODE_ON), g(900, Kind.PROBE_ENTER), g(901, Kind.PROBE_EXIT, ret=0)]
     assert run(*seq) == []
