@@ -151,7 +151,10 @@ class Observation:
         lines = [(ln.t_host_ns, ln.text) for ln in
                  (self.m.console.lines() if self.m.console else [])]
         samples = self.sync.samples(lines)
-        host = [e for e in self.m.run.events if e.t_host_ns >= self.start_ns]
+        # QEMU's trace comes from its log file alone: a rebalance also records the trace
+        # lines it read into the run's events, and taking both would double every line
+        host = [e for e in self.m.run.events
+                if e.t_host_ns >= self.start_ns and e.source != Source.HOST_TRACE]
         # a QMP stop/cont stops the guest clock under TCG: the fit is piecewise between pauses
         alignment = clock.estimate(samples, pauses=clock.pauses_from_events(host))
         trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns)

@@ -1,0 +1,33 @@
+"""Timeline assembly from a run's recorded sources (lab.observe), without a VM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from lab.events import DeviceId, Event, Kind, Source
+from lab.observe import Observation
+from lab.tracers.qemu_trace import QemuTraceParser
+
+LINES = ["6115@1796155325.764275:pci_cfg_write edu 01:00.0 @0x4 <- 0x6\n",
+         "6115@1796155325.764300:pci_update_mappings_add edu 01:00.0 0,0x20000000+0x100000\n"]
+
+
+def test_trace_lines_a_rebalance_also_recorded_appear_once(tmp_path: Path) -> None:
+    """A rebalance records the trace lines it read into the run's events; the timeline
+    takes QEMU's trace from its log file only, so each line is one event."""
+    (tmp_path / "qemu-trace.log").write_text("".join(LINES))
+    parser = QemuTraceParser()
+    recorded = [ev for line in LINES for ev in parser.parse_line(line)]
+    assert recorded, "the sample lines must parse"
+    lab_ev = Event(1796155325_700000000, Source.HOST_LAB, Kind.OPERATION, DeviceId(qom="edu0"),
+                   data={"name": "rebalance:rescan"})
+    m = SimpleNamespace(console=None, accel=None, artifacts=tmp_path, ssh_port=None, sync=None,
+                        run=SimpleNamespace(events=[lab_ev, *recorded]))
+    obs = Observation(m, kprobes=False)  # type: ignore[arg-type]
+    obs.start_ns = 0
+    tl = obs._build([], alive=False)
+    trace = [e for e in tl.events if e.source == Source.HOST_TRACE]
+    keys = [(e.kind, e.t_host_ns, e.data.get("trace")) for e in trace]
+    assert len(keys) == len(set(keys)) == len(recorded)
+    assert any(e.kind == Kind.OPERATION for e in tl.events)
