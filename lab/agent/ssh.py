@@ -9,6 +9,7 @@ channel, which works on every POSIX guest.
 from __future__ import annotations
 
 import io
+import logging
 import select
 import socket
 import threading
@@ -22,6 +23,20 @@ from lab.agent.base import Agent, CommandResult, Shell
 from lab.agent.posix import PosixShell
 from lab.deadline import Deadline, seconds
 from lab.errors import AgentError, DeadlineExceeded
+
+
+class _ForwardHandler(logging.Handler):
+    """paramiko WARNING and worse, as "ssh: ..." lines in the run log."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self._forward = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._forward(f"ssh: {record.getMessage()}")
+        except Exception:
+            pass
 
 
 def load_host_key(line: str) -> paramiko.PKey:
@@ -61,6 +76,13 @@ class SshAgent(Agent):
         transport = client.get_transport()
         if transport is not None:
             transport.set_keepalive(5)
+            # paramiko's own warnings (a socket error, a dead transport) go to the run log,
+            # or a connection lost mid-run would leave no trace of why
+            name = f"paramiko.transport.rebalab-{self.port}"
+            transport.set_log_channel(name)
+            plog = logging.getLogger(name)
+            if not any(isinstance(h, _ForwardHandler) for h in plog.handlers):
+                plog.addHandler(_ForwardHandler(self._log))
         return client
 
     def wait_ready(self, timeout: float) -> None:
@@ -111,6 +133,10 @@ class SshAgent(Agent):
             raise AgentError("the SSH connection to the guest is closed (did the guest die?)")
         return t
 
+    def _transport_alive(self) -> bool:
+        t = self._client.get_transport() if self._client is not None else None
+        return t is not None and t.is_active()
+
     # ---- commands -----------------------------------------------------------------
     def open(self, command: str) -> paramiko.Channel:
         """Start ``command`` and return its channel (for callers that pipeline waits).
@@ -120,21 +146,35 @@ class SshAgent(Agent):
         down; nothing ran yet, so a retry is safe.
         """
         last: Exception | None = None
-        for attempt in range(4):
-            chan = None
+        for attempt in range(5):
+            if attempt:
+                time.sleep(0.05 * attempt)
             try:
                 chan = self._transport().open_session(timeout=5)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                # the server refused or never confirmed the channel: nothing ran, so a
+                # retry is safe while the connection itself lives ("Unable to open
+                # channel." is also what paramiko says when another thread took the
+                # server's refusal reason)
+                last = exc
+                if not self._transport_alive():
+                    break
+                continue
+            try:
                 chan.exec_command(self._wrap(command))
                 return chan
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 last = exc
-                if chan is not None:
-                    chan.close()
-                if "closed" not in str(exc).lower() and not isinstance(
-                        exc, paramiko.ChannelException):
+                chan.close()
+                # a channel closed under us before the exec was confirmed (paramiko says
+                # "Channel closed.", or raises a bare EOFError/SSHException with no text);
+                # once the connection is gone we cannot know whether the command started
+                retry = (isinstance(exc, (paramiko.ChannelException, EOFError))
+                         or "closed" in str(exc).lower() or not str(exc).strip())
+                if not retry or not self._transport_alive():
                     break
-                time.sleep(0.02 * (attempt + 1))
-        raise AgentError(f"could not start guest command {command!r}: {last}") from last
+        raise AgentError(f"could not start guest command {command!r}: "
+                         f"{type(last).__name__}: {last or 'no message'}") from last
 
     def _drain(self, chan: paramiko.Channel, what: str, timeout: float,
                stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
