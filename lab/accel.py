@@ -32,7 +32,10 @@ class Accel:
     def qemu_args(self) -> list[str]:
         if self.name == "kvm":
             return ["-accel", "kvm"]
-        return ["-accel", "tcg"]
+        # TCG emulates RDRAND: with it the guest's CRNG is ready at once, instead of after
+        # ~1 s of jitter entropy that dropbear's first getrandom() waits for (measured
+        # here: ready marker 7.1 s -> 5.5 s after boot)
+        return ["-accel", "tcg", "-cpu", "qemu64,+rdrand"]
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)

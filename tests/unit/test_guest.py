@@ -70,7 +70,7 @@ _TRACES = ["-trace", "pci_update_mappings_add", "-trace", "pci_update_mappings_d
 _ROOT_PORTS = [a for i in range(1, 5) for a in ("-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i},slot={i}")]
 GOLDEN_LINUX: dict[str, list[str]] = {
     "default": [
-        *_HEAD, "-accel", "tcg", "-machine", "q35", "-m", "512", "-smp", "1,maxcpus=2", *_ROOT_PORTS,
+        *_HEAD, "-accel", "tcg", "-cpu", "qemu64,+rdrand", "-machine", "q35", "-m", "512", "-smp", "1,maxcpus=2", *_ROOT_PORTS,
         "-kernel", "/IMG/bzImage", "-initrd", "/IMG/initramfs.cpio.gz", "-append", "console=ttyS0 quiet",
         *_TAIL_SERIAL,
         "-netdev", "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22",
@@ -92,7 +92,7 @@ GOLDEN_LINUX: dict[str, list[str]] = {
         "-device", "virtio-net-pci,netdev=n0,bus=pcie.0", "-audiodev", "wav,id=audio0,path=<ART>/audio.wav",
         "-D", "<ART>/qemu-trace.log", "-msg", "timestamp=on", *_TRACES, "-smp", "2"],
     "kernel_args": [
-        *_HEAD, "-accel", "tcg", "-machine", "q35", "-m", "512", "-smp", "1,maxcpus=2", *_ROOT_PORTS,
+        *_HEAD, "-accel", "tcg", "-cpu", "qemu64,+rdrand", "-machine", "q35", "-m", "512", "-smp", "1,maxcpus=2", *_ROOT_PORTS,
         "-kernel", "/IMG/bzImage", "-initrd", "/IMG/initramfs.cpio.gz",
         "-append", "console=ttyS0 quiet pci=realloc,hpmemsize=128M foo=bar",
         *_TAIL_SERIAL,
