@@ -4,12 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup image demo test test-unit test-e2e bench clean
+.PHONY: help setup image demo test test-unit test-e2e bench bench-race clean
 
 help:
 	@echo "make demo   - set up (apt packages, venv, guest image) and run the default hot-plug cycle"
 	@echo "make test   - set up and run the whole test suite (unit + end-to-end under QEMU)"
-	@echo "make bench  - run the benchmarks and print figures"
+	@echo "make bench  - run the hot-plug benchmark and print figures"
+	@echo "make bench-race - run the race-hunt benchmark (race-planted sweep per planted bug)"
 	@echo "make image  - (re)build the built-in Linux guest image if its inputs changed"
 
 setup:
@@ -31,6 +32,9 @@ test-e2e: setup
 
 bench: setup
 	$(PY) bench/hotplug.py
+
+bench-race: setup
+	$(PY) bench/race.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -245,15 +245,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_scenario(scenario, args: argparse.Namespace, only=None, suffix: str = "") -> int:  # type: ignore[no-untyped-def]
+def _run_scenario(scenario, args: argparse.Namespace, only=None, suffix: str = "",  # type: ignore[no-untyped-def]
+                  overrides=None) -> int:  # type: ignore[no-untyped-def]
     from lab.report import RunConsole, print_summary
     from lab.runner import ScenarioRunner
+    from lab.scenario.overrides import Overrides
 
+    overrides = overrides or Overrides()
+    scenario = overrides.apply(scenario)
     total = len(only) if only is not None else len(scenario.sweep())
     with RunConsole(scenario.name + suffix, total) as ui:
         runner = ScenarioRunner(scenario, runs_root=Path(args.runs), accel=args.accel,
-                                only=only, name_suffix=suffix, console=ui)
+                                only=only, name_suffix=suffix, console=ui,
+                                overrides=overrides)
         ui.note(f"run directory: {runner.run.path}")
+        if not overrides.empty:
+            ui.note(f"overrides: {overrides.describe()}")
         summary = runner.execute()
     print_summary(summary)
     print(f"run directory: {runner.run.path}")
@@ -263,22 +270,26 @@ def _run_scenario(scenario, args: argparse.Namespace, only=None, suffix: str = "
 
 def cmd_run(args: argparse.Namespace) -> int:
     from lab.runner import load_scenario
+    from lab.scenario.overrides import from_args
 
     scenario = load_scenario(Path(args.scenario))
+    overrides = from_args(args)
     only = None
     if args.iteration is not None:
-        n = len(scenario.sweep())
+        n = len(overrides.apply(scenario).sweep())
         bad = [k for k in args.iteration if not 0 <= k < n]
         if bad:
             raise UsageError(f"--iteration {bad[0]} does not exist (0..{n - 1})")
         only = args.iteration
-    return _run_scenario(scenario, args, only)
+    return _run_scenario(scenario, args, only, overrides=overrides)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    """Run exactly iteration K of an earlier run again: same scenario text, same seed."""
+    """Run exactly iteration K of an earlier run again: same scenario text, same seed,
+    the same command-line overrides (from run.json)."""
     from lab.runner import resolve_topology
     from lab.scenario import validate_text
+    from lab.scenario.overrides import Overrides
 
     run_dir = Path(args.run_dir)
     try:
@@ -289,10 +300,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     base = meta.get("base_dir")
     scenario = validate_text(text, meta.get("scenario_file") or str(run_dir / "scenario.yaml"),
                              resolve_topology, base_dir=Path(base) if base else run_dir)
-    n = len(scenario.sweep())
+    overrides = Overrides.from_json(meta.get("overrides"))
+    n = len(overrides.apply(scenario).sweep())
     if not 0 <= args.iteration < n:
         raise UsageError(f"--iteration {args.iteration} does not exist in {run_dir} (0..{n - 1})")
-    return _run_scenario(scenario, args, [args.iteration], suffix=f"-replay-{args.iteration}")
+    return _run_scenario(scenario, args, [args.iteration], suffix=f"-replay-{args.iteration}",
+                         overrides=overrides)
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
@@ -406,6 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("scenario", metavar="SCENARIO.yaml")
     rn.add_argument("--iteration", type=int, action="append",
                     help="run only this iteration (repeatable)")
+    rn.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="pin a swept parameter to one of its declared values (repeatable)")
+    rn.add_argument("--repeat", type=int, metavar="N",
+                    help="rounds over the parameter grid (overrides the scenario's repeat)")
+    rn.add_argument("--seed", type=int, metavar="N", help="the scenario seed (0 .. 2^63-1)")
+    rn.add_argument("--until-fail", type=int, nargs="?", const=1, metavar="N",
+                    help="stop after N failed iterations (default 1)")
+    rn.add_argument("--reset", choices=("none", "replug", "reboot"),
+                    help="what happens between iterations (overrides the scenario's reset)")
+    rn.add_argument("--guest", metavar="linux|windows:IMAGE",
+                    help="the guest to run on (overrides the scenario's guest; Windows needs KVM)")
+    rn.add_argument("--agent", choices=("ssh", "winrm"),
+                    help="how to reach the guest (default: ssh for Linux, winrm for Windows)")
     common(rn)
     rn.set_defaults(func=cmd_run)
 

@@ -30,10 +30,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lab import kmod
 from lab import operations as ops
 from lab import rebalance as rb
 from lab.errors import DeadlineExceeded, Interrupted, LabError, QemuError
 from lab.events import DeviceId, Event, Kind, Source
+from lab.guest import GuestBoot, LinuxGuest
 from lab.image import GuestImage
 from lab.machine import Machine
 from lab.observe import Observation
@@ -41,8 +43,9 @@ from lab.results import EventRef, IterationResult, Status, StepTiming, Violation
 from lab.rules import check_all
 from lab.rules.base import Limits, RuleContext
 from lab.rundir import RunDir
+from lab.scenario.overrides import Overrides
 from lab.scenario import (AssertAudio, AssertCount, AssertNoKind, AssertRule, Guest, Iteration,
-                          Jitter, Parallel, Pause, Plug, RebalanceCpuHotplug, RebalancePressure,
+                          Jitter, Module, Parallel, Pause, Plug, RebalanceCpuHotplug, RebalancePressure,
                           RebalanceReconfigure, RebalanceRescan, RebalanceResize, Resume, Scenario,
                           Sleep, Step, Unplug, WaitEvent, WaitGuest, WaitJob, WaitQmp)
 from lab.timeline import Timeline, device_matches
@@ -50,6 +53,7 @@ from vdevice.topology import Device, HotplugMode, Placement, Topology
 
 DEFAULT_WAIT_S = 20.0
 GUEST_RULES_LINUX = ("linux-driver", "kernel-oops", "bugcheck")
+GUEST_RULES_WINDOWS = ("windows-pnp", "bugcheck")
 
 
 class StepFailed(Exception):
@@ -98,11 +102,11 @@ class ScenarioRunner:
     def __init__(self, scenario: Scenario, *, runs_root: Path = Path("runs"),
                  accel: str | None = None, image: GuestImage | None = None,
                  only: Sequence[int] | None = None, name_suffix: str = "",
-                 console: Any = None, audio: bool | None = None) -> None:
-        if scenario.guest.os != "linux":
-            raise LabError("Windows guests need KVM and a Windows image built with `rebalab image "
-                           "windows`; this runner drives the built-in Linux guest. See "
-                           "images/windows/README.md for what the Windows path verifies.")
+                 console: Any = None, audio: bool | None = None,
+                 overrides: Overrides | None = None) -> None:
+        # what the CLI changed (already applied to ``scenario``): recorded for replay
+        self.overrides = overrides or Overrides()
+        self.guest = self._guest_boot(scenario, image, accel)
         self.scenario = scenario
         self.topology: Topology = scenario.topology
         if scenario.hotplug_mode:
@@ -110,7 +114,6 @@ class ScenarioRunner:
         self.sweep = scenario.sweep()
         self.indices = list(only) if only is not None else list(range(len(self.sweep)))
         self.accel = accel
-        self.image = image or GuestImage.load()
         self.run = RunDir(runs_root, scenario.name + name_suffix)
         self.console = console
         self.machine: Machine | None = None
@@ -133,7 +136,8 @@ class ScenarioRunner:
             "command": "run", "scenario": self.scenario.to_json(),
             "scenario_file": self.scenario.file,
             "base_dir": str(self.scenario.base_dir) if self.scenario.base_dir else None,
-            "iterations": self.indices, "image": self.image.describe(),
+            "iterations": self.indices, "overrides": self.overrides.to_json(),
+            "image": self.guest.describe_image(), "guest": self.guest.describe(),
             "topology": self.topology.to_json(), "started_at": self.started_at})
         run_status: Status | None = None
         stopped_at: str | None = None
@@ -170,12 +174,12 @@ class ScenarioRunner:
             info = RunInfo(
                 scenario=self.scenario.name, accelerator=acc,
                 versions={"rebalab": _version(), "qemu": self._qemu_version(),
-                          "kernel": self.image.kernel_release},
+                          **self._guest_versions()},
                 topology=self.topology.to_json(), seed=self.scenario.seed,
                 started_at=self.started_at,
                 ended_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                status=run_status, stopped_at=stopped_at, error=error, guest="linux",
-                guest_image_sha256=self.image.input_hash,
+                status=run_status, stopped_at=stopped_at, error=error, guest=self.guest.os,
+                guest_image_sha256=self._guest_image_hash(),
                 alignment_bound_ns=max(known) if known else None,
                 parameters=self.scenario.to_json().get("parameters", {}),
                 scenario_file=self.scenario.file)
@@ -187,6 +191,53 @@ class ScenarioRunner:
                 run.log(f"report.html could not be written: {exc!r}")
             run.close()
         return summary
+
+    # ---- the guest ---------------------------------------------------------------------
+    @staticmethod
+    def _guest_boot(scenario: Scenario, image: GuestImage | None, accel: str | None) -> GuestBoot:
+        """The scenario's guest, checked before any run directory or VM exists.
+
+        A Windows guest is refused here when it cannot run on this host (no KVM), or
+        when the scenario needs what its agent cannot do (background commands over
+        WinRM, which has no streaming channel), so nothing half-runs.
+        """
+        if scenario.guest.os == "linux":
+            return LinuxGuest(image or GuestImage.load())
+        from lab import qemu_caps
+        from lab.guest import WindowsGuest
+
+        assert scenario.guest.image is not None    # the GuestSpec validator ensures it
+        guest = WindowsGuest(scenario.guest.image, scenario.guest.agent_kind,
+                             probe_image=image)
+        if guest.agent_kind == "winrm":
+            for k in range(min(1, len(scenario.sweep()))):
+                bg = next((st for st in _walk(scenario.sweep().iteration(k).steps)
+                           if isinstance(st, Guest) and st.background), None)
+                if bg is not None:
+                    raise LabError(f"{bg.where}: a background guest command needs a streaming "
+                                   "agent; WinRM has none. Use the Windows OpenSSH agent "
+                                   "(guest: {os: windows, image: ..., agent: ssh})")
+        guest.choose_accel(qemu_caps.find_binary(), accel)   # KVM or a clear refusal
+        return guest
+
+    def _guest_versions(self) -> dict[str, str]:
+        if isinstance(self.guest, LinuxGuest):
+            return {"kernel": self.guest.image.kernel_release}
+        win = self.guest.describe_image().get("windows") or {}
+        return {"windows": " ".join(str(v) for v in (win.get("edition"), win.get("build"),
+                                                     win.get("ubr")) if v) or "?"}
+
+    def _guest_image_hash(self) -> str | None:
+        if isinstance(self.guest, LinuxGuest):
+            return self.guest.image.input_hash
+        return None
+
+    @property
+    def image(self) -> GuestImage:
+        """The built-in Linux image (Linux guests only)."""
+        if isinstance(self.guest, LinuxGuest):
+            return self.guest.image
+        raise LabError("this run boots a Windows guest, not the built-in Linux image")
 
     def _accel_name(self) -> str:
         return getattr(getattr(self, "_accel", None), "name", None) or "unknown"
@@ -205,7 +256,7 @@ class ScenarioRunner:
             return m
         self._stop_machine()
         self.machine_count += 1
-        m = Machine(self.topology, self.run, image=self.image, accel=self.accel,
+        m = Machine(self.topology, self.run, guest=self.guest, accel=self.accel,
                     subdir=f"vm{self.machine_count}", audio_capture=self.audio)
         self.machine = m
         m.start()
@@ -303,7 +354,8 @@ class ScenarioRunner:
                                else None)
 
     def _final_rules(self, tl: Timeline) -> list[Violation]:
-        ids = list(self.scenario.rules) if self.scenario.rules else list(GUEST_RULES_LINUX)
+        default = GUEST_RULES_LINUX if self.guest.os == "linux" else GUEST_RULES_WINDOWS
+        ids = list(self.scenario.rules) if self.scenario.rules else list(default)
         return check_all(tl, self._context(tl), ids)
 
     def _context(self, tl: Timeline) -> RuleContext:
@@ -394,6 +446,9 @@ class ScenarioRunner:
             return None
         if isinstance(step, Guest):
             return self._guest(m, st, step)
+        if isinstance(step, Module):
+            return kmod.apply(m, kmod.ModuleRequest(step.name, step.param_text(),
+                                                    reload=step.reload, unload=step.unload))
         if isinstance(step, Sleep):
             time.sleep(step.duration.seconds)
             return None
@@ -481,9 +536,11 @@ class ScenarioRunner:
         (st.dir / "guest-commands.log").open("a").write(
             f"$ {command}\n[exit {r.exit_status}]\n{r.stdout}{r.stderr}\n")
         if step.check and not r.ok:
-            raise StepFailed(self._violation(st, "guest.command", "guest", step,
-                                             f"`{command}` exited with {r.exit_status}: "
-                                             f"{(r.stderr or r.stdout).strip()[-200:]}"))
+            # a named check gets its own signature (guest.command@guest/<name>)
+            v = self._violation(st, "guest.command", "guest", step,
+                                f"`{command}` exited with {r.exit_status}: "
+                                f"{(r.stderr or r.stdout).strip()[-200:]}")
+            raise StepFailed(replace(v, phase=step.name) if step.name else v)
         return f"exit {r.exit_status}"
 
     def _wait_job(self, m: Machine, st: IterationState, step: WaitJob) -> str:
@@ -539,6 +596,8 @@ class ScenarioRunner:
                 if step.source and ev.source.value != step.source:
                     continue
                 if not self._kind_matches(ev, kind):
+                    continue
+                if not step.matches_text(str(ev.data.get("text", ""))):
                     continue
                 if step.device and not (ev.device and (ev.device.qom == step.device or
                                                        (ev.device.bdf in bdfs))):
@@ -604,7 +663,7 @@ class ScenarioRunner:
                 text = bad[0].data.get("text", "")
                 raise StepFailed(Violation(
                     "assert.no-kind", step.device or "guest", "assert",
-                    f"{step.where}: {len(bad)} {step.no_kind} event(s), first: {text}"[:400],
+                    f"{step.where}: {len(bad)} {Kind(step.no_kind).value} event(s), first: {text}"[:400],
                     events=tuple(EventRef(e.seq, e.t_host_ns, e.kind.value, e.source.value)
                                  for e in bad[:5])))
             return "none"
@@ -618,9 +677,9 @@ class ScenarioRunner:
                   and (c.max is None or n <= c.max))
             if not ok:
                 raise StepFailed(Violation("assert.count", c.device or "guest", "assert",
-                                           f"{step.where}: {n} {c.kind} event(s); expected "
+                                           f"{step.where}: {n} {Kind(c.kind).value} event(s); expected "
                                            f"eq={c.eq} min={c.min} max={c.max}"))
-            return f"{n} {c.kind}"
+            return f"{n} {Kind(c.kind).value}"
         if isinstance(step, AssertAudio):
             return self._assert_audio(m, st, step)
         raise LabError(f"{step.where}: unknown assert")

@@ -161,16 +161,22 @@ def summary_tables(summary: Summary, *, ascii_only: bool = False) -> list[Table]
     bx = box.ASCII if ascii_only else box.SIMPLE_HEAVY
     tables: list[Table] = []
     for name, groups in summary.by_parameter.items():
+        # a lab error is not a pass: when there are any, say how many next to "ran"
+        errors = any(g.errors for g in groups)
         t = Table(title=f"by {name}", box=bx, title_justify="left")
         t.add_column(name)
         t.add_column("ran", justify="right")
         t.add_column("failed", justify="right")
+        if errors:
+            t.add_column("lab error", justify="right")
         t.add_column("rate", justify="right")
         t.add_column("signatures")
         for g in groups:
             sig = ", ".join(f"{s} x{n}" for s, n in g.signatures.items())
-            t.add_row(fmt_value(g.values[name]), str(g.ran), str(g.failed),
-                      f"{100 * g.failure_rate:.1f} %", sig or "-",
+            cells = [fmt_value(g.values[name]), str(g.ran), str(g.failed)]
+            if errors:
+                cells.append(str(g.errors))
+            t.add_row(*cells, f"{100 * g.failure_rate:.1f} %", sig or "-",
                       style="red" if g.failed else None)
         tables.append(t)
     if summary.signatures:

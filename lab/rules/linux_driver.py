@@ -30,7 +30,7 @@ from lab.timeline import Span, Timeline
 EPROBE_DEFER = -517
 
 _DRIVER_KINDS = (Kind.PROBE_ENTER, Kind.PROBE_EXIT, Kind.REMOVE_ENTER, Kind.REMOVE_EXIT,
-                 Kind.CALL_ENTER, Kind.DRIVER_IO, Kind.BOUND, Kind.UNBOUND)
+                 Kind.CALL_ENTER, Kind.DRIVER_IO, Kind.BOUND, Kind.UNBOUND, Kind.UEVENT)
 _DECODE_KINDS = (Kind.DECODE_ON, Kind.DECODE_OFF, Kind.BAR_MAPPED, Kind.BAR_UNMAPPED,
                  Kind.DEVICE_DELETED)
 
@@ -182,10 +182,8 @@ class LinuxDriverRule:
                     flush()
                     st.bound = False
                     st.removed_at = ev
-            elif k == Kind.BOUND:
-                st.bound = True
-            elif k == Kind.UNBOUND:
-                st.bound = False
+            elif _bind_state(ev) is not None:
+                st.bound = _bind_state(ev)
             elif (k in (Kind.CALL_ENTER, Kind.DRIVER_IO) and st.removed_at is not None
                   and st.probe_depth == 0 and st.remove_depth == 0):
                 st.late_calls += 1
@@ -212,7 +210,7 @@ class LinuxDriverRule:
             for e in later:
                 if e.kind == Kind.REMOVE_ENTER:
                     break
-                if e.kind == Kind.BOUND or (e.kind == Kind.PROBE_EXIT and _ok(e)):
+                if _bind_state(e) is True or (e.kind == Kind.PROBE_EXIT and _ok(e)):
                     evidence = e
                     break
                 if e.kind == Kind.PROBE_EXIT:
@@ -300,10 +298,8 @@ class LinuxDriverRule:
                         control = _ok(ev)
                 elif k == Kind.REMOVE_EXIT:
                     control = False
-                elif k == Kind.BOUND:
-                    control = True
-                elif k == Kind.UNBOUND:
-                    control = False
+                elif _bind_state(ev) is not None:
+                    control = _bind_state(ev)
                 else:
                     continue
                 has_bar = bool(mapped) or (use_edges and not seen_mapping)
@@ -315,6 +311,23 @@ class LinuxDriverRule:
                     close(ev, ev.t_host_ns)
             close(None, end)
         return out
+
+
+def _bind_state(ev: Event) -> bool | None:
+    """True/False when ``ev`` says the driver is bound/unbound, else None.
+
+    The kernel's own bind/unbind uevent counts like the lab's BOUND/UNBOUND: it is sent
+    after probe() returned 0 (or remove() returned), and it reaches the host over the
+    console even when the kprobe stream has stopped (a guest that oopsed).
+    """
+    if ev.kind == Kind.BOUND:
+        return True
+    if ev.kind == Kind.UNBOUND:
+        return False
+    if ev.kind == Kind.UEVENT and ev.data.get("SUBSYSTEM", "pci") == "pci":
+        action = ev.data.get("action")
+        return True if action == "bind" else False if action == "unbind" else None
+    return None
 
 
 def _label(ev: Event | None, ctx: RuleContext) -> str | None:

@@ -17,7 +17,7 @@ from lab.scenario.model import (GuestSpec, Scenario, ScenarioFile, TopologyLike,
                                 TopologyResolver, Until)
 from lab.scenario.params import ChoiceParam, GridParam, Param, RandomParam
 from lab.scenario.steps import (AssertAudio, AssertBase, AssertCount, AssertNoKind, AssertRule,
-                                AudioCheck, Branch, CountCheck, Guest, Jitter, Parallel, Pause,
+                                AudioCheck, Branch, CountCheck, Guest, Jitter, Module, Parallel, Pause,
                                 Plug, RebalanceBase, RebalanceCpuHotplug, RebalancePressure,
                                 RebalanceReconfigure, RebalanceRescan, RebalanceResize, Resume,
                                 Sleep, Step, StepBase, Unplug, WaitBase, WaitEvent, WaitGuest,
@@ -28,7 +28,7 @@ from lab.scenario.units import Duration
 __all__ = [
     "AssertAudio", "AssertBase", "AssertCount", "AssertNoKind", "AssertRule", "AudioCheck",
     "Branch", "ChoiceParam", "CountCheck", "Duration", "GridParam", "Guest", "GuestSpec",
-    "Iteration", "Jitter", "Parallel", "Param", "Pause", "Plug", "RandomParam",
+    "Iteration", "Jitter", "Module", "Parallel", "Param", "Pause", "Plug", "RandomParam",
     "RebalanceBase", "RebalanceCpuHotplug", "RebalancePressure", "RebalanceReconfigure",
     "RebalanceRescan", "RebalanceResize", "Resume", "Scenario", "ScenarioFile", "Sleep", "Step",
     "StepBase", "Sweep", "TopologyLike", "TopologyRef", "TopologyResolver", "Unplug", "Until",

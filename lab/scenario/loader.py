@@ -27,10 +27,11 @@ from lab.scenario.model import (ScenarioFile, Scenario, TopologyLike, TopologyRe
                                 TopologyResolver, parse_limits)
 from lab.scenario.params import (Param, Scalar, check_refs, find_refs, format_value,
                                  parse_parameters, substitute)
-from lab.scenario.steps import (AssertCount, AssertNoKind, AssertRule, Guest, ParseContext,
-                                Parallel, Plug, RebalanceBase, RebalanceCpuHotplug,
-                                RebalancePressure, Step, Unplug, WaitEvent, WaitJob, WaitQmp,
-                                check_known_rule, parse_step)
+from lab.scenario.steps import (AssertCount, AssertNoKind, AssertRule, Guest, Module,
+                                ParseContext, Parallel, Plug, RebalanceBase,
+                                RebalanceCpuHotplug, RebalancePressure, RebalanceRescan, Step,
+                                Unplug, WaitEvent, WaitJob, WaitQmp, check_known_rule,
+                                parse_step, walk)
 from vdevice.errors import SpecError
 from vdevice.yamlsrc import Located, YamlPath, load, unknown, validate
 
@@ -130,12 +131,40 @@ def validate_text(text: str, filename: str, resolve_topology: TopologyResolver, 
     topo_ref, topo = _resolve_topology(located, head.topology, base, resolve_topology)
     _check_steps(located, params, topo, rules)
 
-    return Scenario(name=head.name, description=head.description, file=filename,
+    scenario = Scenario(name=head.name, description=head.description, file=filename,
                     topology_ref=topo_ref, topology=topo, guest=guest,
                     hotplug_mode=head.hotplug_mode, parameters=params, seed=head.seed,
                     repeat=head.repeat, until=head.until, reset=head.reset, limits=limits,
                     rules=head.rules, located=located, known_rules=rules,
                     source_text=text, base_dir=base)
+    check_guest_steps(scenario)
+    return scenario
+
+
+# steps that only a Linux guest can do, and what to use on Windows instead
+LINUX_ONLY: dict[type, str] = {
+    Module: "module loads a Linux kernel module; a Windows guest gets its driver installed "
+            "into the image (rebalab image windows --driver PATH)",
+    RebalanceRescan: "the rescan trigger is Linux sysfs (remove + rescan); Windows rebalances "
+                     "on its own: use the pressure or cpu-hotplug trigger",
+}
+
+
+def check_guest_steps(scenario: Scenario) -> None:
+    """Refuse steps the scenario's guest cannot do, naming the step's line (SpecError).
+
+    Called on every validated scenario, and again when ``--guest`` changes the guest.
+    """
+    if scenario.guest.os == "linux":
+        return
+    sweep = scenario.sweep()
+    if not len(sweep):
+        return
+    for step in walk(sweep.iteration(0).steps):
+        why = next((w for cls, w in LINUX_ONLY.items() if isinstance(step, cls)), None)
+        if why is not None:
+            raise SpecError(f"not for a {scenario.guest.os} guest: {why}", file=scenario.file,
+                            line=step.line, field=step.path)
 
 
 def _looks_like_path(ref: str) -> bool:

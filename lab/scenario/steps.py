@@ -16,6 +16,7 @@ sizes are bytes. Each step remembers where it came from (``.path``, ``.line``,
 from __future__ import annotations
 
 import fnmatch
+import re
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -292,7 +293,69 @@ class Guest(StepBase):
     def describe(self) -> str:
         cmd = self.run if self.run is not None else " ".join(self.argv or ())
         short = cmd if len(cmd) <= 40 else cmd[:37] + "..."
-        return f"guest{' &' if self.background else ''} {short}"
+        named = f" [{self.name}]" if self.name else ""
+        return f"guest{' &' if self.background else ''}{named} {short}"
+
+
+_MODULE_RE = re.compile(r"[A-Za-z0-9_-]{1,56}")
+_MODPARAM_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+class Module(StepBase):
+    """Load a kernel module into the Linux guest with parameters (e.g. the test driver).
+
+    ``reload`` (default) unloads it first when it is loaded, so every iteration starts
+    from a freshly initialised module: parameters given at load time take effect, and
+    whatever the module keeps across devices (the test driver's stale-bar address) is
+    gone. ``reload: false`` writes the parameters of a loaded module through
+    ``/sys/module/NAME/parameters`` instead (they must be writable). ``unload: true``
+    only removes it. Names and values reach the guest quoted for its shell.
+    """
+
+    step_type: ClassVar[str] = "module"
+    name: Str
+    params: dict[Str, PropValue] = {}
+    reload: Bool = True
+    unload: Bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _MODULE_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a kernel module name (letters, digits, - and _)")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, value in v.items():
+            if not _MODPARAM_RE.fullmatch(key):
+                raise ValueError(f"{key!r} is not a module parameter name (letters, digits, _)")
+            if isinstance(value, str) and ("\n" in value or "\0" in value):
+                raise ValueError(f"parameter {key}: a value cannot contain a newline or NUL")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> Module:
+        if self.unload and self.params:
+            raise ValueError("unload takes no params")
+        return self
+
+    @property
+    def sysfs_name(self) -> str:
+        """The kernel's name for it (``-`` and ``_`` are the same to modprobe; sysfs has ``_``)."""
+        return self.name.replace("-", "_")
+
+    def param_text(self) -> dict[str, str]:
+        """Parameters as the kernel parses them (booleans as Y/N)."""
+        return {k: ("Y" if v else "N") if isinstance(v, bool) else str(v)
+                for k, v in self.params.items()}
+
+    def describe(self) -> str:
+        if self.unload:
+            return f"module unload {self.name}"
+        args = " ".join(f"{k}={v}" for k, v in self.param_text().items())
+        return f"module {'reload' if self.reload else 'load'} {self.name}" + (f" {args}" if args else "")
 
 
 class Sleep(StepBase):
@@ -347,15 +410,35 @@ class WaitBase(StepBase):
 
 
 class WaitEvent(WaitBase):
-    """Wait for a timeline event of ``event`` kind (optionally for a device/source)."""
+    """Wait for a timeline event of ``event`` kind (optionally for a device/source).
+
+    ``text`` is a regular expression searched in the event's text (a kernel log line:
+    ``{event: kernel-log, device: edu0, text: "stream start"}``), for the moments a
+    driver only announces in its log.
+    """
 
     event: KindName
     device: Id | None = None
     source: SourceName | None = None
+    text: Str | None = None
     timeout: Duration | None = None
 
+    @field_validator("text")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"text is not a valid regular expression: {exc}") from None
+        return v
+
+    def matches_text(self, text: str) -> bool:
+        return self.text is None or re.search(self.text, text) is not None
+
     def describe(self) -> str:
-        return f"wait {self.event.value}" + (f" {self.device}" if self.device else "")
+        return (f"wait {self.event.value}" + (f" {self.device}" if self.device else "")
+                + (f" /{self.text}/" if self.text else ""))
 
 
 class WaitQmp(WaitBase):
@@ -527,7 +610,7 @@ class Parallel(StepBase):
 
 
 Step = Union[Plug, Unplug, RebalancePressure, RebalanceRescan, RebalanceCpuHotplug,
-             RebalanceReconfigure, RebalanceResize, Guest, Sleep, Jitter, Pause, Resume,
+             RebalanceReconfigure, RebalanceResize, Guest, Module, Sleep, Jitter, Pause, Resume,
              WaitEvent, WaitQmp, WaitGuest, WaitJob, AssertRule, AssertNoKind, AssertAudio,
              AssertCount, Parallel]
 
@@ -722,6 +805,7 @@ STEP_TYPES: dict[str, Callable[[Located, YamlPath, ParseContext], Step]] = {
     "unplug": _simple(Unplug, "device"),
     "rebalance": _parse_rebalance,
     "guest": _parse_guest,
+    "module": _simple(Module, "name"),
     "sleep": _parse_sleep,
     "jitter": _parse_jitter,
     "wait": _parse_wait,

@@ -43,6 +43,13 @@ class ProbeSpec:
     enter: Kind
     exit: Kind
     role: str                # "pci-core", "driver", "hotplug"
+    # a module the scenario loads itself (the test driver): probed as MOD:func, which the
+    # kernel accepts before the module is loaded and re-arms on every (re)load
+    module: str | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.module}:{self.func}" if self.module else self.func
 
 
 PCI_CORE = (
@@ -55,8 +62,10 @@ DRIVER_FUNCS = (
     ProbeSpec("azx_probe_continue", None, Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
     ProbeSpec("snd_intel8x0_probe", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
     ProbeSpec("snd_audiopci_probe", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
-    ProbeSpec("rebalab_testdrv_probe", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
-    ProbeSpec("rebalab_testdrv_remove", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver"),
+    ProbeSpec("rebalab_testdrv_probe", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver",
+              module="rebalab_testdrv"),
+    ProbeSpec("rebalab_testdrv_remove", "pci_dev", Kind.CALL_ENTER, Kind.CALL_EXIT, "driver",
+              module="rebalab_testdrv"),
 )
 HOTPLUG_FUNCS = (
     ProbeSpec("acpiphp_enable_slot", None, Kind.CALL_ENTER, Kind.CALL_EXIT, "hotplug"),
@@ -90,8 +99,8 @@ def kprobe_definitions(specs: Sequence[ProbeSpec], offsets: DeviceNameOffsets | 
             fetch = f" name=+0(+{offsets.device_name}(%di)):string"
         elif offsets is not None and s.arg == "pci_dev":
             fetch = f" name=+0(+{offsets.pci_dev_name}(%di)):string"
-        lines.append(f"p:{GROUP}/{probe_name(s, False)} {s.func}{fetch}")
-        lines.append(f"r:{GROUP}/{probe_name(s, True)} {s.func} ret=$retval:s32")
+        lines.append(f"p:{GROUP}/{probe_name(s, False)} {s.target}{fetch}")
+        lines.append(f"r:{GROUP}/{probe_name(s, True)} {s.target} ret=$retval:s32")
     return lines
 
 
@@ -167,6 +176,14 @@ class LinuxTracer:
             self.m.run.log(f"kprobe device names unavailable: {exc}")
             return None
 
+    def _shipped_modules(self) -> set[str]:
+        """Module names the built image ships (manifest ``modules.included``)."""
+        try:
+            included = (self.m.image.manifest.get("modules") or {}).get("included") or []
+        except (LabError, AttributeError):
+            return set()
+        return {str(n).replace("-", "_") for n in included}
+
     def start(self) -> LinuxTracer:
         agent = self.m.agent
         if agent is None:
@@ -175,8 +192,12 @@ class LinuxTracer:
         if self.preload:
             agent.run(" ; ".join(f"modprobe {sh.quote(mod)}" for mod in self.preload)).check()
         have = set(agent.run(f"cut -d' ' -f1 {TRACEFS}/available_filter_functions").stdout.split())
-        self.active = tuple(s for s in self.wanted if s.func in have)
-        self.missing = tuple(s.func for s in self.wanted if s.func not in have)
+        # a module's functions are in the list only while it is loaded; the image knows
+        # which modules it ships, so probe those that exist there whether loaded or not
+        shipped = self._shipped_modules()
+        self.active = tuple(s for s in self.wanted if s.func in have
+                            or (s.module is not None and s.module in shipped))
+        self.missing = tuple(s.func for s in self.wanted if s not in self.active)
         if not self.active:
             raise LabError("none of the traced functions exist in the guest kernel")
         defs = kprobe_definitions(self.active, self._offsets())

@@ -69,6 +69,21 @@ def test_summary_table_plain(tmp_path: Path) -> None:
     assert "\x1b[" not in out and "━" not in out       # ASCII tables for CI logs
     tables = summary_tables(summary)
     assert [t.title for t in tables] == ["by delay_ms", "by model", "signatures"]
+    # the sample has one lab error (#9): its tables say so instead of counting it a pass
+    by_delay = tables[0]
+    assert [c.header for c in by_delay.columns] == ["delay_ms", "ran", "failed", "lab error",
+                                                    "rate", "signatures"]
+    errors = list(by_delay.columns[3].cells)
+    assert sorted(errors) == ["0"] * (len(errors) - 1) + ["1"]
+
+
+def test_no_lab_error_column_without_errors(tmp_path: Path) -> None:
+    from dataclasses import replace
+    info, results = sample_run(tmp_path)
+    clean = [replace(r, status=Status.PASSED, error=None) if r.status == Status.ERROR else r
+             for r in results]
+    tables = summary_tables(build_summary(info, clean))
+    assert "lab error" not in [c.header for c in tables[0].columns]
 
 
 def test_summary_mentions_stop_and_lab_error(tmp_path: Path) -> None:

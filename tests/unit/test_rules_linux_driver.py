@@ -128,6 +128,20 @@ def test_bound_event_is_rebind_evidence() -> None:
     assert run(*seq) == []
 
 
+def test_bind_uevent_is_rebind_evidence() -> None:
+    """A guest that oopsed may stop streaming kprobes; its bind uevent still arrives on
+    the console, and the kernel sends it only after probe() returned 0."""
+    bind = Event(500 * MS, Source.GUEST_UEVENT, Kind.UEVENT, DeviceId(bdf="0000:01:00.0"),
+                 data={"action": "bind", "SUBSYSTEM": "pci", "DRIVER": "snd_hda_intel"},
+                 t_guest_ns=500 * MS)
+    seq = clean_rebalance()[:4]
+    assert run(*seq) == ["linux.not-rebound"]
+    assert run(*seq, bind) == []
+    other = Event(500 * MS, Source.GUEST_UEVENT, Kind.UEVENT, DeviceId(bdf="0000:01:00.0"),
+                  data={"action": "add", "SUBSYSTEM": "pci"}, t_guest_ns=500 * MS)
+    assert run(*seq, other) == ["linux.not-rebound"]
+
+
 def test_decode_on_while_unbound_for_too_long() -> None:
     seq = [op(0, 2000),
            g(10, Kind.REMOVE_ENTER), g(30, Kind.REMOVE_EXIT),

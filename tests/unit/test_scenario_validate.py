@@ -203,6 +203,18 @@ BAD: list[tuple[str, str, int | None, str | None, str]] = [
      7, "steps[2].rebalance", "needs a new model or props"),
     ("cpu count", HEAD + "  - rebalance: {trigger: cpu-hotplug, count: 100}\n", 6,
      "steps[1].rebalance.count", "count must be 1..64"),
+    ("wait text regex", HEAD + "  - wait: {event: kernel-log, text: '(unclosed'}\n", 6,
+     "steps[1].wait.text", "not a valid regular expression"),
+    ("module name", HEAD + "  - module: {name: 'rm -rf /'}\n", 6, "steps[1].module.name",
+     "is not a kernel module name"),
+    ("module param name", HEAD + "  - module: {name: m, params: {'a b': 1}}\n", 6,
+     "steps[1].module.params", "not a module parameter name"),
+    ("module param value", HEAD + "  - module: {name: m, params: {a: [1]}}\n", 6,
+     "steps[1].module.params.a", ""),
+    ("module unload params", HEAD + "  - module: {name: m, unload: true, params: {a: 1}}\n", 6,
+     "steps[1].module", "unload takes no params"),
+    ("module typo", HEAD + "  - module: {name: m, relaod: false}\n", 6,
+     "steps[1].module.relaod", "did you mean 'reload'"),
     ("bad id", HEAD + "  - plug: {device: 0snd, model: AC97, port: rp1}\n", 6,
      "steps[1].plug.device", "not a valid QEMU id"),
     ("bad name", "name: My Scenario\nsteps:\n  - sleep: 1s\n", 1, "name", "is not a valid name"),
@@ -332,14 +344,37 @@ def test_bad_files(path: Path) -> None:
     assert m[3] in e.bare_message, str(e)
 
 
+WINDOWS = ("name: w\ntopology: default\nguest: {os: windows, image: ../images/win.qcow2, "
+           "agent: ssh}\nsteps:\n  - plug: {device: snd0, model: AC97, port: rp1}\n")
+
+
+def test_windows_guest_long_form_resolves_the_image() -> None:
+    sc = validate_text(WINDOWS + "  - rebalance: {trigger: cpu-hotplug}\n", str(DATA / "w.yaml"),
+                       Resolver(), base_dir=DATA)
+    assert sc.guest.os == "windows" and sc.guest.agent_kind == "ssh"
+    assert sc.guest.image == str((DATA / ".." / "images" / "win.qcow2").resolve())
+
+
+@pytest.mark.parametrize("step,needle", [
+    ("  - rebalance: {trigger: rescan, device: snd0}\n", "Windows rebalances on its own"),
+    ("  - module: {name: rebalab_testdrv}\n", "rebalab image windows --driver"),
+    ("  - parallel:\n      a: [{sleep: 1ms}]\n      b: [{module: m}]\n", "Linux kernel module"),
+])
+def test_linux_only_steps_are_refused_for_windows_with_their_line(step: str, needle: str) -> None:
+    with pytest.raises(SpecError) as e:
+        validate_text(WINDOWS + step, FILE, Resolver(), base_dir=DATA)
+    assert e.value.line == (8 if "parallel" in step else 6), str(e.value)
+    assert "not for a windows guest" in str(e.value) and needle in str(e.value)
+    assert str(e.value).startswith(f"{FILE}:{e.value.line}: steps[1]")
+
+
 def test_full_file_every_step_kind() -> None:
     res = Resolver()
     sc = validate_file(DATA / "full.yaml", res)
     ref, located = res.calls[0]
     assert ref == (DATA / "topologies" / "small.yaml").resolve()
     assert located.line_of() == 4 and located.field() == "topology"
-    assert sc.guest.os == "windows" and sc.guest.agent_kind == "ssh"
-    assert sc.guest.image == str((DATA / ".." / "images" / "win.qcow2").resolve())
+    assert sc.guest.os == "linux" and sc.guest.agent_kind == "ssh"
     assert sc.hotplug_mode == "native" and sc.reset == "replug" and sc.until is not None
     assert sc.until.failures == 2
     assert sc.limits == {"query_stop_max_ms": 50.0, "remove_max_ms": 1000.0,
@@ -432,7 +467,8 @@ SHIPPED = sorted((REPO / "scenarios").glob("*.yaml"))
 def test_shipped_scenarios_exist() -> None:
     names = {p.name for p in SHIPPED}
     assert {"hotplug-cycle.yaml", "rebalance-rescan.yaml", "rebalance-pressure.yaml",
-            "unplug-during-stream.yaml", "sweep-rebalance-delay.yaml"} <= names
+            "unplug-during-stream.yaml", "sweep-rebalance-delay.yaml",
+            "race-planted.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -442,7 +478,9 @@ def test_shipped_scenarios_validate(path: Path) -> None:
     assert res.calls[0][0] == "default"
     assert sc.name == path.stem
     sweep = sc.sweep()
-    assert 1 <= len(sweep) <= 12        # modest: a few minutes under TCG
+    # modest: a few minutes under TCG; the race hunt sweeps 4 bugs x 8 delays, and is
+    # run one bug at a time (--set bug=...), 8 iterations
+    assert 1 <= len(sweep) <= (32 if sc.name == "race-planted" else 12)
     for it in sweep:
         assert it.steps
 
