@@ -104,21 +104,56 @@ def device_bindings(events: list[Event]) -> list[DeviceBinding]:
     return [DeviceBinding(DeviceId(qom=q, bdf=b)) for (q, b) in seen]
 
 
+WINDOWS_SOURCES = (Source.GUEST_ETW, Source.GUEST_WPP, Source.GUEST_SETUPAPI, Source.GUEST_PNP)
+
+
+def windows_alignment(start: tuple[int, int] | None, host_after_ns: int) -> clock.Alignment | None:
+    """Guest UTC -> host time from the one exchange the tracer's start makes.
+
+    The guest read its clock somewhere between the host's send and its return, so the
+    midpoint is the estimate and half the round trip the guaranteed bound: coarse (a
+    WinRM round trip is tens to hundreds of ms), and said so in the timeline header.
+    """
+    if start is None:
+        return None
+    guest_ns, host_before_ns = start
+    mid = (host_before_ns + host_after_ns) // 2
+    return clock.Alignment.fixed(mid - guest_ns, bound_ns=max(0, host_after_ns - host_before_ns) // 2,
+                                 method="windows-start-exchange")
+
+
 class Observation:
+    """One stretch of a run. The guest's side depends on its OS: a Linux guest streams
+    kprobes over ttyS2 and answers clock-sync tokens on ttyS1; a Windows guest runs an
+    ETW session (``WindowsTracer``) whose events are fetched over the agent at the end,
+    stamped with the guest's own clock (Windows keeps it in step with the host's)."""
+
     def __init__(self, m: Machine, *, kprobes: bool = True, name: str = "timeline") -> None:
         self.m = m
         self.name = name
         self.kprobes = kprobes
+        self.linux = getattr(getattr(m, "guest", None), "os", "linux") == "linux"
         self.tracer: LinuxTracer | None = None
+        self.windows: Any = None            # lab.tracers.windows.WindowsTracer
         self.sync = ClockSync(m)
         self.start_ns = 0
         self._console_cursor = 0
         self.timeline: Timeline | None = None
+        self._windows_alignment: clock.Alignment | None = None
 
     def start(self) -> Observation:
         self.start_ns = time.time_ns()
         assert self.m.console is not None
         self._console_cursor = max(0, self.m.console.cursor() - 0)
+        if not self.linux:
+            from lab.tracers.windows.tracer import WindowsTracer
+            if self.m.agent is None:
+                raise LabError("the guest agent is not connected")
+            self.windows = WindowsTracer(out_dir=self.m.artifacts / "windows-trace")
+            self.windows.start(self.m.agent)
+            self._windows_alignment = windows_alignment(self.windows.clock_start,
+                                                        time.time_ns())
+            return self
         self.sync.burst()
         if self.kprobes:
             self.tracer = LinuxTracer(self.m).start()
@@ -132,17 +167,37 @@ class Observation:
         """
         guest_events = self.tracer.stop() if self.tracer else []
         alive = self.m.process is not None and self.m.process.alive()
-        if alive:
+        if self.windows is not None:
+            guest_events = self._windows_events(alive)
+        elif alive:
             self.sync.burst()
         tl = self._build(guest_events, alive)
         tl.write(path or self.m.artifacts / f"{self.name}.jsonl")
         self.timeline = tl
         return tl
 
+    def _windows_events(self, alive: bool) -> list[Event]:
+        """Stop the ETW session and fetch what it recorded (nothing from a dead guest:
+        the session's file is inside the guest, the run log says so)."""
+        if not alive or self.m.agent is None:
+            self.m.run.log("the Windows guest is gone: its ETW trace could not be fetched")
+            return []
+        try:
+            events = list(self.windows.stop(self.m.agent))
+        except LabError as exc:
+            self.m.run.log(f"fetching the Windows trace failed: {exc}")
+            return []
+        for problem in getattr(self.windows, "problems", []):
+            self.m.run.log(f"windows trace: {problem}")
+        return events
+
     def snapshot(self) -> Timeline:
-        """The timeline so far, tracing goes on (for asserts in the middle of a run)."""
+        """The timeline so far, tracing goes on (for asserts in the middle of a run).
+
+        A Windows guest's ETW events arrive when the session stops, so mid-run they
+        are not in the snapshot (host events and QEMU's trace are)."""
         alive = self.m.process is not None and self.m.process.alive()
-        if alive:
+        if alive and self.linux:
             self.sync.burst(4)
             time.sleep(0.05)   # let in-flight trace lines arrive
         return self._build(self.tracer.snapshot() if self.tracer else [], alive)
@@ -165,8 +220,12 @@ class Observation:
                                 "kprobes": [s.func for s in self.tracer.active] if self.tracer else [],
                                 "kprobes_missing": list(self.tracer.missing) if self.tracer else [],
                                 "guest_alive_at_end": alive}
+        per_source = None
+        if not self.linux and self._windows_alignment is not None:
+            per_source = {src: self._windows_alignment for src in WINDOWS_SOURCES}
         return Timeline.build({"host": host, "trace": trace, "console": console_events,
-                               "kprobe": guest_events}, alignment=alignment,
+                               "kprobe" if self.linux else "windows": guest_events},
+                              alignment=alignment, source_alignment=per_source,
                               devices=device_bindings(host), meta=meta)
 
     def __enter__(self) -> Observation:

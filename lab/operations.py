@@ -17,6 +17,8 @@ from lab.deadline import poll, seconds
 from lab.errors import AgentError, LabError, QemuError
 from lab.events import DeviceId, Event, Kind, Source
 from lab.machine import AUDIODEV_ID, Machine
+from lab.tracers.windows.common import GuestScript, run_script
+from lab.windows import pnp_wait
 from vdevice import topology as topo_mod
 from vdevice.topology import Device, HotplugMode, Placement
 
@@ -118,6 +120,19 @@ def _waiter_gone(m: Machine, bdf: str, timeout: float) -> str:
             f"usleep {_POLL_US}; i=$((i+1)); done; echo still present; exit 3")
 
 
+def _is_windows(m: Machine) -> bool:
+    return getattr(getattr(m, "guest", None), "os", "linux") == "windows"
+
+
+def _windows_wait(m: Machine, script: GuestScript, timeout: float, what: str) -> str:
+    """Run a ``lab.windows.pnp_wait`` loop; AgentError with what the guest saw."""
+    assert m.agent is not None
+    r = run_script(m.agent, script)
+    if r.exit_status != 0:
+        raise AgentError(f"{what} within {timeout:.1f}s ({(r.stdout or r.stderr).strip()[-300:]})")
+    return r.stdout.strip()
+
+
 def _record(m: Machine, kind: Kind, dev: Device, bdf: str | None, **data: Any) -> int:
     t = time.time_ns()
     m.run.record(Event(t, Source.HOST_LAB, kind, DeviceId(qom=dev.id, bdf=bdf), data=data))
@@ -150,8 +165,9 @@ def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
     bdf = guest_bdf(m, dev.port)
     res.details["bdf"] = bdf
     chan = None
-    expect = model.linux_driver
-    if wait_bound and expect:
+    windows = _is_windows(m)
+    expect = model.windows_hwid if windows else model.linux_driver
+    if wait_bound and expect and not windows:
         cmd = _waiter_bound(m, bdf, expect, timeout)
         chan = m.agent.open(cmd)
     try:
@@ -177,6 +193,13 @@ def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
             res.durations_ms["bound"] = (time.monotonic() - t0) * 1e3
             res.details["bound_evidence"] = r.stdout.split()[1] if r.stdout.strip() else "?"
             _record(m, Kind.BOUND, dev, bdf, driver=expect, evidence=res.details["bound_evidence"],
+                    after_ms=res.durations_ms["bound"])
+        elif wait_bound and expect and windows:
+            _windows_wait(m, pnp_wait.started(expect, timeout), timeout,
+                          f"{dev.id} ({model.driver}, {expect}) did not start")
+            res.durations_ms["bound"] = (time.monotonic() - t0) * 1e3
+            res.details["bound_evidence"] = "pnp-started"
+            _record(m, Kind.BOUND, dev, bdf, hardware_id=expect, evidence="pnp-started",
                     after_ms=res.durations_ms["bound"])
         _span(m, "plug", dev, bdf, res.started_ns)
         m.run.log(f"plug {dev.id} ({model.driver}) into {dev.port} at {bdf}: "
@@ -206,7 +229,8 @@ def unplug(m: Machine, dev_id: str, *, timeout: float | None = None,
     res = OperationResult("unplug", dev.id, model.driver, time.time_ns())
     bdf = device_bdf_from_qemu(m, dev.id)
     res.details["bdf"] = bdf
-    chan = m.agent.open(_waiter_gone(m, bdf, timeout)) if bdf else None
+    windows = _is_windows(m)
+    chan = m.agent.open(_waiter_gone(m, bdf, timeout)) if bdf and not windows else None
     try:
         cursor = m.qmp.cursor()
         t0 = time.monotonic()
@@ -233,6 +257,12 @@ def unplug(m: Machine, dev_id: str, *, timeout: float | None = None,
                                  f"{timeout:.1f}s after QEMU deleted it")
             res.durations_ms["guest_gone"] = (time.monotonic() - t0) * 1e3
             _record(m, Kind.UNBOUND, dev, bdf, after_ms=res.durations_ms["guest_gone"])
+        elif windows and model.windows_hwid:
+            _windows_wait(m, pnp_wait.gone(model.windows_hwid, timeout), timeout,
+                          f"{dev.id} ({model.windows_hwid}) is still present in the guest")
+            res.durations_ms["guest_gone"] = (time.monotonic() - t0) * 1e3
+            _record(m, Kind.UNBOUND, dev, bdf, after_ms=res.durations_ms["guest_gone"],
+                    evidence="pnp-gone")
         if topo_mod.needs_memdev(dev):
             m.qmp.execute("object-del", {"id": topo_mod.memdev_id(dev)})
         m.present.discard(dev.id)

@@ -180,6 +180,13 @@ class WindowsTracer:
             raise AgentError(f"the guest did not report the setupapi.dev.log size and clock: {rec!r}") from None
         self._save("windows-trace-start.json", json.dumps(rec, indent=2, sort_keys=True, default=str))
 
+    @property
+    def clock_start(self) -> tuple[int, int] | None:
+        """(guest UTC ns, host ns before the start scripts) of the running session."""
+        if self._start is None:
+            return None
+        return self._start.guest_start_ns, self._start.host_start_ns
+
     def stop(self, agent: Agent) -> list[Event]:
         """Stop, fetch, save raw, parse; returns all events (problems in ``self.problems``)."""
         if self._start is None:
