@@ -65,20 +65,12 @@ class Overrides:
                    guest=data.get("guest"), agent=data.get("agent"))
 
     def describe(self) -> str:
-        parts = [f"--set {s}" for s in self.sets]
-        if self.repeat is not None:
-            parts.append(f"--repeat {self.repeat}")
-        if self.seed is not None:
-            parts.append(f"--seed {self.seed}")
-        if self.until_failures is not None:
-            parts.append(f"--until-fail {self.until_failures}")
-        if self.reset is not None:
-            parts.append(f"--reset {self.reset}")
-        if self.guest is not None:
-            parts.append(f"--guest {self.guest}")
-        if self.agent is not None:
-            parts.append(f"--agent {self.agent}")
-        return " ".join(parts)
+        """The overrides as the command line flags that give them."""
+        flags = (("--repeat", self.repeat), ("--seed", self.seed),
+                 ("--until-fail", self.until_failures), ("--reset", self.reset),
+                 ("--guest", self.guest), ("--agent", self.agent))
+        return " ".join([*(f"--set {s}" for s in self.sets),
+                         *(f"{flag} {value}" for flag, value in flags if value is not None)])
 
     def apply(self, scenario: Scenario) -> Scenario:
         """The scenario with these overrides; UsageError names the flag that is wrong."""

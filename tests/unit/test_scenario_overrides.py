@@ -41,6 +41,7 @@ def test_repeat_seed_until_and_reset(race) -> None:
     sc = o.apply(race)
     assert len(sc.sweep()) == 56 and sc.seed == 99 and sc.reset == "reboot"
     assert sc.until is not None and sc.until.failures == 2
+    assert o.describe() == "--set bug=none --repeat 7 --seed 99 --until-fail 2 --reset reboot"
     # the seed changes the draws (jitter), the grid stays
     a = race.sweep().iteration(0).seed
     assert sc.sweep().iteration(0).seed != a
@@ -78,3 +79,18 @@ def test_wait_text_is_a_checked_regex(race) -> None:
     w = next(s for s in it.steps if isinstance(s, WaitEvent) and s.text)
     assert w.matches_text("rebalab_testdrv 0000:01:00.0: stream start (pid 316 dd)")
     assert not w.matches_text("stream stop")
+
+
+def test_guest_override_rechecks_the_steps(race, tmp_path) -> None:
+    from vdevice.errors import SpecError
+
+    with pytest.raises(SpecError) as e:
+        Overrides(guest=f"windows:{tmp_path / 'w.qcow2'}").apply(race)
+    assert e.value.file == str(RACE) and e.value.field == "steps[0]"
+    assert "not for a windows guest" in str(e.value)
+    with pytest.raises(ConfigError, match="reached over ssh, not winrm"):
+        Overrides(agent="winrm").apply(race)
+    with pytest.raises(ConfigError, match="needs an image"):
+        Overrides(guest="windows").apply(race)
+    same = Overrides(guest="linux", agent="ssh").apply(race)
+    assert same.guest.os == "linux" and same.guest.agent_kind == "ssh"
