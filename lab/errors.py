@@ -43,6 +43,11 @@ class AgentError(LabError):
     """The guest agent could not connect or run a command."""
 
 
+class ConnectionLost(AgentError):
+    """The agent's connection went down while a command ran: whether the command ran,
+    and how far, is unknown. Only a command that is safe to run twice may be retried."""
+
+
 class EnvironmentProblem(LabError):
     """Something the host must provide is missing (QEMU, the guest image, KVM)."""
 

@@ -245,11 +245,19 @@ class LinuxGuest(GuestBoot):
         agent.wait_ready(seconds("agent_ready"))
 
     def before_stop(self, m: MachineView, agent: Agent) -> None:
+        """Keep the guest's kernel log, and dropbear's own log when SSH was ever lost
+        (its exit reason is the only trace of why a connection went down)."""
         try:
             text = agent.run("dmesg", timeout=10).stdout
         except LabError:
             return
         (m.artifacts / "dmesg.txt").write_text(text)
+        if getattr(agent, "reconnects", 0):
+            try:
+                log = agent.run("cat /run/dropbear.log", timeout=10).stdout
+            except LabError:
+                return
+            (m.artifacts / "dropbear.log").write_text(log)
 
     def shutdown_steps(self, m: MachineView, agent: Agent | None) -> list[ShutdownStep]:
         steps: list[ShutdownStep] = []

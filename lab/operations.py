@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lab.deadline import poll, seconds
-from lab.errors import AgentError, LabError, QemuError
+from lab.errors import AgentError, ConnectionLost, LabError, QemuError
 from lab.events import DeviceId, Event, Kind, Source
 from lab.machine import AUDIODEV_ID, Machine
 from lab.tracers.windows.common import GuestScript, run_script
@@ -120,6 +120,18 @@ def _waiter_gone(m: Machine, bdf: str, timeout: float) -> str:
             f"usleep {_POLL_US}; i=$((i+1)); done; echo still present; exit 3")
 
 
+def _collect_wait(m: Machine, chan: Any, cmd: str, what: str, timeout: float) -> Any:
+    """The end of a guest waiter started before the host acted. The waiters only read
+    state (the bound file, sysfs), so one whose connection went down is run again on a
+    new one: it sees the state as it is by now."""
+    assert m.agent is not None
+    try:
+        return m.agent.collect(chan, what, timeout)
+    except ConnectionLost as exc:
+        m.run.log(f"{what}: {exc}; asking again on a new connection")
+        return m.agent.run(cmd, timeout=timeout, idempotent=True)
+
+
 def _is_windows(m: Machine) -> bool:
     return getattr(getattr(m, "guest", None), "os", "linux") == "windows"
 
@@ -184,7 +196,7 @@ def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
         if on_requested is not None:
             on_requested()
         if chan is not None:
-            r = m.agent.collect(chan, "wait for driver bound", timeout + 5)
+            r = _collect_wait(m, chan, cmd, "wait for driver bound", timeout + 5)
             chan = None
             if r.exit_status != 0:
                 raise AgentError(f"{dev.id} ({model.driver}) at {bdf}: {expect} did not bind "
@@ -230,7 +242,8 @@ def unplug(m: Machine, dev_id: str, *, timeout: float | None = None,
     bdf = device_bdf_from_qemu(m, dev.id)
     res.details["bdf"] = bdf
     windows = _is_windows(m)
-    chan = m.agent.open(_waiter_gone(m, bdf, timeout)) if bdf and not windows else None
+    gone_cmd = _waiter_gone(m, bdf, timeout) if bdf and not windows else None
+    chan = m.agent.open(gone_cmd) if gone_cmd else None
     try:
         cursor = m.qmp.cursor()
         t0 = time.monotonic()
@@ -249,8 +262,9 @@ def unplug(m: Machine, dev_id: str, *, timeout: float | None = None,
             res.details["qemu_evidence"] = "qom-list"
             _record(m, Kind.DEVICE_DELETED, dev, bdf, evidence="qom-list")
         res.durations_ms["qemu_gone"] = (time.monotonic() - t0) * 1e3
-        if chan is not None:
-            r = m.agent.collect(chan, "wait for the device to leave the guest", timeout + 5)
+        if chan is not None and gone_cmd is not None:
+            r = _collect_wait(m, chan, gone_cmd, "wait for the device to leave the guest",
+                              timeout + 5)
             chan = None
             if r.exit_status != 0:
                 raise AgentError(f"{dev.id} at {bdf} is still present in the guest "
@@ -305,7 +319,8 @@ def _device_del(m: Machine, dev_id: str, timeout: float) -> None:
 def guest_driver(m: Machine, bdf: str) -> str | None:
     """The driver bound to ``bdf`` in the guest right now, or None."""
     assert m.agent is not None
-    r = m.agent.run_argv(["readlink", f"/sys/bus/pci/devices/{bdf}/driver"], timeout=10)
+    r = m.agent.run_argv(["readlink", f"/sys/bus/pci/devices/{bdf}/driver"], timeout=10,
+                         idempotent=True)
     return r.stdout.strip().rsplit("/", 1)[-1] if r.ok and r.stdout.strip() else None
 
 

@@ -200,6 +200,7 @@ def rescan(m: Machine, dev_id: str, *, remove: str = "port") -> RebalanceReport:
         bdf = poll(f"{dev_id} to reappear in query-pci after rescan", seconds("driver_bound"),
                    lambda: ops.device_bdf_from_qemu(m, dev_id))
         ok = m.agent.run(ops._waiter_bound(m, bdf, model.linux_driver, seconds("driver_bound")),
+                         idempotent=True,
                          timeout=seconds("driver_bound") + 5)
         rep.rebound = ok.ok
         rep.durations_ms["rebound"] = (time.monotonic() - t0) * 1e3

@@ -64,7 +64,10 @@ class Agent(abc.ABC):
     def run(self, command: str, timeout: float | None = None) -> CommandResult:
         """Run a command line already built with ``self.shell``."""
 
-    def run_argv(self, argv: Sequence[str], timeout: float | None = None) -> CommandResult:
+    def run_argv(self, argv: Sequence[str], timeout: float | None = None, *,
+                 idempotent: bool = False) -> CommandResult:
+        """``argv`` quoted for the guest's shell. ``idempotent`` marks a query an agent
+        may run again after losing its connection (the SSH agent does)."""
         return self.run(self.shell.join(argv), timeout=timeout)
 
     @abc.abstractmethod

@@ -14,7 +14,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import paramiko
@@ -22,7 +22,7 @@ import paramiko
 from lab.agent.base import Agent, CommandResult, Shell
 from lab.agent.posix import PosixShell
 from lab.deadline import Deadline, seconds
-from lab.errors import AgentError, DeadlineExceeded
+from lab.errors import AgentError, ConnectionLost, DeadlineExceeded
 
 
 class _ForwardHandler(logging.Handler):
@@ -37,6 +37,9 @@ class _ForwardHandler(logging.Handler):
             self._forward(f"ssh: {record.getMessage()}")
         except Exception:
             pass
+
+
+RECONNECT_S = 5.0
 
 
 def load_host_key(line: str) -> paramiko.PKey:
@@ -61,6 +64,8 @@ class SshAgent(Agent):
         self._wrap = wrap or (lambda c: c)
         self._log = log or (lambda m: None)
         self._client: paramiko.SSHClient | None = None
+        self._reconnect_lock = threading.Lock()
+        self.reconnects = 0
 
     # ---- connection --------------------------------------------------------------
     def _connect_once(self, timeout: float) -> paramiko.SSHClient:
@@ -126,16 +131,37 @@ class SshAgent(Agent):
             self._client = None
 
     def _transport(self) -> paramiko.Transport:
+        """The live transport; a connection lost since the last command is made anew.
+
+        Commands that were running on the lost connection have failed already (their
+        reads end); only new commands go over the new one, so nothing runs twice. A
+        guest that is really gone refuses the reconnect and the error says so.
+        """
         if self._client is None:
             raise AgentError("SSH agent is not connected; call wait_ready() first")
         t = self._client.get_transport()
         if t is None or not t.is_active():
-            raise AgentError("the SSH connection to the guest is closed (did the guest die?)")
+            with self._reconnect_lock:
+                t = self._client.get_transport() if self._client is not None else None
+                if t is None or not t.is_active():
+                    t = self._reconnect(t)
         return t
 
-    def _transport_alive(self) -> bool:
-        t = self._client.get_transport() if self._client is not None else None
-        return t is not None and t.is_active()
+    def _reconnect(self, old: paramiko.Transport | None) -> paramiko.Transport:
+        why = (old.get_exception() if old is not None else None) or "closed by the peer"
+        self._drop()
+        try:
+            self._client = self._connect_once(RECONNECT_S)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            self._client = None
+            raise AgentError(f"the SSH connection to the guest is closed ({why}) and a new "
+                             f"one failed: {type(exc).__name__}: {exc} (did the guest die?)"
+                             ) from None
+        self.reconnects += 1
+        self._log(f"ssh: connection lost ({why}); reconnected (#{self.reconnects})")
+        t = self._client.get_transport()
+        assert t is not None
+        return t
 
     # ---- commands -----------------------------------------------------------------
     def open(self, command: str) -> paramiko.Channel:
@@ -166,6 +192,12 @@ class SshAgent(Agent):
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 last = exc
                 chan.close()
+                if not self._transport_alive():
+                    # the exec request may have reached the guest before the connection
+                    # went: the command may be running there now
+                    raise ConnectionLost(f"the SSH connection went down while starting "
+                                         f"{command!r}: {type(exc).__name__}: "
+                                         f"{exc or 'no message'}") from exc
                 # a channel closed under us before the exec was confirmed (paramiko says
                 # "Channel closed.", or raises a bare EOFError/SSHException with no text);
                 # once the connection is gone we cannot know whether the command started
@@ -204,6 +236,9 @@ class SshAgent(Agent):
                                                "utf-8", "replace") or None)
                 select.select([chan], [], [], min(0.05, max(0.001, dl.remaining())))
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+            # -1: no exit status came (paramiko's value for a channel closed without one)
+            if status == -1 and self._transport_dying():
+                raise ConnectionLost(f"the SSH connection went down while {what} ran")
         finally:
             chan.close()
         return status, out.getvalue(), err.getvalue()
@@ -217,10 +252,22 @@ class SshAgent(Agent):
                              err.decode("utf-8", "replace"), time.monotonic() - t0)
 
     def run(self, command: str, timeout: float | None = None, *,
-            stdin: bytes | None = None) -> CommandResult:
+            stdin: bytes | None = None, idempotent: bool = False) -> CommandResult:
+        """Run to the end. ``idempotent`` (a query, a wait on a state) lets a command
+        whose connection went down mid-way run once more on a new connection."""
         timeout = timeout if timeout is not None else seconds("guest_command")
         t0 = time.monotonic()
-        return self.collect(self.open(command), command, timeout, t0, stdin)
+        try:
+            return self.collect(self.open(command), command, timeout, t0, stdin)
+        except ConnectionLost as exc:
+            if not idempotent:
+                raise
+            self._log(f"ssh: {exc}; running it again (a query)")
+            return self.collect(self.open(command), command, timeout, time.monotonic(), stdin)
+
+    def run_argv(self, argv: Sequence[str], timeout: float | None = None, *,
+                 idempotent: bool = False) -> CommandResult:
+        return self.run(self.shell.join(argv), timeout=timeout, idempotent=idempotent)
 
     def stream(self, command: str, stop: threading.Event | None = None) -> Iterator[str]:
         """Yield stdout lines of a long-running command as they come.
@@ -253,6 +300,16 @@ class SshAgent(Agent):
             if buf:
                 yield buf.decode("utf-8", "replace")
             chan.close()
+
+    def _transport_dying(self, settle_s: float = 1.0) -> bool:
+        """A channel that closed with no exit status: is its connection going down?
+        paramiko closes the channels a moment before it marks the transport inactive."""
+        end = time.monotonic() + settle_s
+        while self._transport_alive():
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.01)
+        return True
 
     def _transport_alive(self) -> bool:
         t = self._client.get_transport() if self._client else None

@@ -9,6 +9,8 @@ exposes as /sys/kernel/btf/vmlinux). Format: Documentation/bpf/btf.rst.
 
 from __future__ import annotations
 
+import functools
+
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +103,14 @@ class DeviceNameOffsets:
 
     @classmethod
     def from_vmlinux(cls, vmlinux: Path) -> DeviceNameOffsets:
-        btf = Btf(btf_section(vmlinux))
-        dev_name = btf.offset("device", "kobj") + btf.offset("kobject", "name")
-        return cls(dev_name, btf.offset("pci_dev", "dev") + dev_name)
+        """Read from the kernel's BTF; cached per file and mtime (a 60 MiB parse that
+        every iteration's tracer asks for)."""
+        st = vmlinux.stat()
+        return _offsets_cached(str(vmlinux), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _offsets_cached(path: str, mtime_ns: int, size: int) -> DeviceNameOffsets:
+    btf = Btf(btf_section(Path(path)))
+    dev_name = btf.offset("device", "kobj") + btf.offset("kobject", "name")
+    return DeviceNameOffsets(dev_name, btf.offset("pci_dev", "dev") + dev_name)

@@ -191,7 +191,10 @@ class LinuxTracer:
         sh = agent.shell
         if self.preload:
             agent.run(" ; ".join(f"modprobe {sh.quote(mod)}" for mod in self.preload)).check()
-        have = set(agent.run(f"cut -d' ' -f1 {TRACEFS}/available_filter_functions").stdout.split())
+        # ask only for the names we want: the whole list is ~50,000 lines to ship over SSH
+        wanted = " ".join(f"-e {sh.quote(s.func)}" for s in self.wanted)
+        have = set(agent.run(f"cut -d' ' -f1 {TRACEFS}/available_filter_functions | "
+                             f"grep -x -F {wanted}").stdout.split())
         # a module's functions are in the list only while it is loaded; the image knows
         # which modules it ships, so probe those that exist there whether loaded or not
         shipped = self._shipped_modules()
