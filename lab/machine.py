@@ -128,6 +128,9 @@ class Machine:
         self.guest_files: dict[str, Any] = {}       # what release() did with them
         self.timings_stop: str | None = None
         self.timings: dict[str, float] = {}
+        # facts about this boot of the guest that tracers may keep between observations
+        # (which kprobe functions exist, the probes already defined); gone with the VM
+        self.guest_cache: dict[str, Any] = {}
         self.stopped_at: str | None = None
         self._lock = threading.Lock()
 
