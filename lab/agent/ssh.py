@@ -167,9 +167,9 @@ class SshAgent(Agent):
     def open(self, command: str) -> paramiko.Channel:
         """Start ``command`` and return its channel (for callers that pipeline waits).
 
-        Opening a channel is retried a few times: dropbear has been seen to close a
-        new session channel at once ("Channel closed") while others were being torn
-        down; nothing ran yet, so a retry is safe.
+        Opening the channel is retried a few times (the server refused or never
+        confirmed it: nothing ran). Once the exec request is sent it is never sent
+        again: a failure then is ``ConnectionLost``, the command's fate unknown.
         """
         last: Exception | None = None
         for attempt in range(5):
@@ -191,20 +191,17 @@ class SshAgent(Agent):
                 return chan
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 last = exc
+                # paramiko says "Channel closed." when a fast command's close beat the
+                # reply to the exec request: it ran, and its exit status is here
+                if chan.exit_status_ready() and chan.recv_exit_status() != -1:
+                    return chan
                 chan.close()
-                if not self._transport_alive():
-                    # the exec request may have reached the guest before the connection
-                    # went: the command may be running there now
-                    raise ConnectionLost(f"the SSH connection went down while starting "
-                                         f"{command!r}: {type(exc).__name__}: "
-                                         f"{exc or 'no message'}") from exc
-                # a channel closed under us before the exec was confirmed (paramiko says
-                # "Channel closed.", or raises a bare EOFError/SSHException with no text);
-                # once the connection is gone we cannot know whether the command started
-                retry = (isinstance(exc, (paramiko.ChannelException, EOFError))
-                         or "closed" in str(exc).lower() or not str(exc).strip())
-                if not retry or not self._transport_alive():
-                    break
+                # the request reached the guest or not: nobody can tell, so it is never
+                # sent again here (a retry once ran `echo 1 > .../remove` twice);
+                # run(idempotent=True) may retry a query
+                raise ConnectionLost(f"starting {command!r} failed after the request was sent "
+                                     f"({type(exc).__name__}: {exc or 'no message'}): it may or "
+                                     "may not have run") from exc
         raise AgentError(f"could not start guest command {command!r}: "
                          f"{type(last).__name__}: {last or 'no message'}") from last
 

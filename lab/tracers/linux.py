@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.agent.ssh import SshAgent
 from lab.console import ConsoleLine
 from lab.errors import AgentError, LabError
 from lab.events import DeviceId, Event, Kind, Source
@@ -230,7 +231,7 @@ class LinuxTracer:
             f"echo 1 > events/{GROUP}/enable",
             "echo 1 > tracing_on",
         ])
-        r = agent.run(script)
+        r = agent.run(script, idempotent=True) if isinstance(agent, SshAgent) else agent.run(script)
         if not r.ok or "failed:" in r.stderr:
             cache.pop("kprobe-defs", None)
             err = agent.run(f"cat {TRACEFS}/error_log").stdout.strip()[-400:]
