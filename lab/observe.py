@@ -205,7 +205,10 @@ class Observation:
     def _build(self, guest_events: list[Event], alive: bool) -> Timeline:
         lines = [(ln.t_host_ns, ln.text) for ln in
                  (self.m.console.lines() if self.m.console else [])]
-        samples = self.sync.samples(lines)
+        # clock evidence from this observation's stretch of the console only: one-way
+        # samples from the whole boot made the drift fit span minutes, and its error
+        # (hundreds of ppm under TCG) grew the bound to tens of ms by the 50th iteration
+        samples = self.sync.samples(lines[self._console_cursor:])
         # QEMU's trace comes from its log file alone: a rebalance also records the trace
         # lines it read into the run's events, and taking both would double every line
         host = [e for e in self.m.run.events

@@ -31,3 +31,21 @@ def test_trace_lines_a_rebalance_also_recorded_appear_once(tmp_path: Path) -> No
     keys = [(e.kind, e.t_host_ns, e.data.get("trace")) for e in trace]
     assert len(keys) == len(set(keys)) == len(recorded)
     assert any(e.kind == Kind.OPERATION for e in tl.events)
+
+
+def test_clock_samples_come_from_the_observation_window_only(tmp_path: Path) -> None:
+    """Kernel log lines from before the observation started are not clock evidence for
+    it: a fit over the whole boot made the bound grow with every iteration."""
+    from lab.console import ConsoleLine
+
+    old = [ConsoleLine(1_000_000_000 + i, f"[    1.{i:06d}] old line {i}", i) for i in range(5)]
+    new = [ConsoleLine(9_000_000_000 + i, f"[    9.{i:06d}] new line {i}", 5 + i) for i in range(3)]
+    console = SimpleNamespace(lines=lambda: old + new, cursor=lambda: len(old))
+    m = SimpleNamespace(console=console, accel=None, artifacts=tmp_path, ssh_port=None, sync=None,
+                        run=SimpleNamespace(events=[]))
+    obs = Observation(m, kprobes=False)  # type: ignore[arg-type]
+    obs._console_cursor = len(old)
+    seen: list[list[tuple[int, str]]] = []
+    obs.sync.samples = lambda lines: seen.append(list(lines)) or []  # type: ignore[method-assign]
+    obs._build([], alive=False)
+    assert seen == [[(ln.t_host_ns, ln.text) for ln in new]]
