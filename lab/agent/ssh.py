@@ -40,6 +40,7 @@ class _ForwardHandler(logging.Handler):
 
 
 RECONNECT_S = 5.0
+START_MARKER = b"\x01"
 
 
 def load_host_key(line: str) -> paramiko.PKey:
@@ -62,6 +63,10 @@ class SshAgent(Agent):
         self.host_key = host_key
         self.shell = shell or PosixShell()
         self._wrap = wrap or (lambda c: c)
+        # POSIX guests: every command first writes START_MARKER to stderr, so a channel
+        # that closes before the exec is confirmed tells whether the command started
+        # (stripped again before anyone reads stderr)
+        self._marker = wrap is None and isinstance(self.shell, PosixShell)
         self._log = log or (lambda m: None)
         self._client: paramiko.SSHClient | None = None
         self._reconnect_lock = threading.Lock()
@@ -186,8 +191,9 @@ class SshAgent(Agent):
                 if not self._transport_alive():
                     break
                 continue
+            wire = f"printf '\\001' >&2; {command}" if self._marker else self._wrap(command)
             try:
-                chan.exec_command(self._wrap(command))
+                chan.exec_command(wire)
                 return chan
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 last = exc
@@ -195,10 +201,16 @@ class SshAgent(Agent):
                 # reply to the exec request: it ran, and its exit status is here
                 if chan.exit_status_ready() and chan.recv_exit_status() != -1:
                     return chan
+                started = self._started(chan)
                 chan.close()
-                # the request reached the guest or not: nobody can tell, so it is never
-                # sent again here (a retry once ran `echo 1 > .../remove` twice);
-                # run(idempotent=True) may retry a query
+                if started is False and self._transport_alive():
+                    # dropbear closed the new channel before the command began (seen
+                    # right after a sysfs remove): nothing ran, so it is sent again
+                    self._log(f"ssh: {command[:60]!r} did not start "
+                              f"({type(exc).__name__}: {exc}); sending it again")
+                    continue
+                # it started, or nobody can tell: never sent twice here (a blind retry
+                # once ran `echo 1 > .../remove` twice); run(idempotent=True) may retry
                 raise ConnectionLost(f"starting {command!r} failed after the request was sent "
                                      f"({type(exc).__name__}: {exc or 'no message'}): it may or "
                                      "may not have run") from exc
@@ -233,6 +245,8 @@ class SshAgent(Agent):
                                                "utf-8", "replace") or None)
                 select.select([chan], [], [], min(0.05, max(0.001, dl.remaining())))
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+            if self._marker and err.getvalue()[:1] == START_MARKER:
+                err = io.BytesIO(err.getvalue()[1:])
             # -1: no exit status came (paramiko's value for a channel closed without one)
             if status == -1 and self._transport_dying():
                 raise ConnectionLost(f"the SSH connection went down while {what} ran")
@@ -297,6 +311,20 @@ class SshAgent(Agent):
             if buf:
                 yield buf.decode("utf-8", "replace")
             chan.close()
+
+    def _started(self, chan: paramiko.Channel, wait_s: float = 0.3) -> bool | None:
+        """Whether the command on ``chan`` began (its start marker arrived); None when
+        commands carry no marker (PowerShell guests)."""
+        if not self._marker:
+            return None
+        end = time.monotonic() + wait_s
+        while time.monotonic() < end:
+            if chan.recv_stderr_ready():
+                return True
+            if chan.closed and not chan.recv_stderr_ready():
+                return False
+            time.sleep(0.01)
+        return chan.recv_stderr_ready()
 
     def _transport_dying(self, settle_s: float = 1.0) -> bool:
         """A channel that closed with no exit status: is its connection going down?
