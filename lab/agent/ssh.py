@@ -183,13 +183,11 @@ class SshAgent(Agent):
             try:
                 chan = self._transport().open_session(timeout=5)
             except (paramiko.SSHException, OSError, EOFError) as exc:
-                # the server refused or never confirmed the channel: nothing ran, so a
-                # retry is safe while the connection itself lives ("Unable to open
-                # channel." is also what paramiko says when another thread took the
-                # server's refusal reason)
+                # the server refused or never confirmed the channel: nothing ran, so it
+                # is asked again; a connection that went down meanwhile is made anew by
+                # _transport() ("Unable to open channel." is also what paramiko says
+                # when another thread took the server's refusal reason)
                 last = exc
-                if not self._transport_alive():
-                    break
                 continue
             wire = f"printf '\\001' >&2; {command}" if self._marker else self._wrap(command)
             try:
