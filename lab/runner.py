@@ -210,13 +210,14 @@ class ScenarioRunner:
         guest = WindowsGuest(scenario.guest.image, scenario.guest.agent_kind,
                              probe_image=image)
         if guest.agent_kind == "winrm":
-            for k in range(min(1, len(scenario.sweep()))):
-                bg = next((st for st in _walk(scenario.sweep().iteration(k).steps)
-                           if isinstance(st, Guest) and st.background), None)
-                if bg is not None:
-                    raise LabError(f"{bg.where}: a background guest command needs a streaming "
-                                   "agent; WinRM has none. Use the Windows OpenSSH agent "
-                                   "(guest: {os: windows, image: ..., agent: ssh})")
+            sweep = scenario.sweep()
+            # step types do not vary with parameter values: iteration 0 shows them all
+            bg = next((st for st in _walk(sweep.iteration(0).steps)
+                       if isinstance(st, Guest) and st.background), None) if len(sweep) else None
+            if bg is not None:
+                raise LabError(f"{bg.where}: a background guest command needs a streaming "
+                               "agent; WinRM has none. Use the Windows OpenSSH agent "
+                               "(guest: {os: windows, image: ..., agent: ssh})")
         guest.choose_accel(qemu_caps.find_binary(), accel)   # KVM or a clear refusal
         return guest
 
