@@ -246,18 +246,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _run_scenario(scenario, args: argparse.Namespace, only=None, suffix: str = "",  # type: ignore[no-untyped-def]
-                  overrides=None) -> int:  # type: ignore[no-untyped-def]
+                  overrides=None, attempts: int = 1,
+                  every_attempt: bool = False) -> int:  # type: ignore[no-untyped-def]
     from lab.report import RunConsole, print_summary
     from lab.runner import ScenarioRunner
     from lab.scenario.overrides import Overrides
 
     overrides = overrides or Overrides()
     scenario = overrides.apply(scenario)
-    total = len(only) if only is not None else len(scenario.sweep())
+    total = (len(only) if only is not None else len(scenario.sweep())) * attempts
     with RunConsole(scenario.name + suffix, total) as ui:
         runner = ScenarioRunner(scenario, runs_root=Path(args.runs), accel=args.accel,
                                 only=only, name_suffix=suffix, console=ui,
-                                overrides=overrides)
+                                overrides=overrides, attempts=attempts,
+                                every_attempt=every_attempt)
         ui.note(f"run directory: {runner.run.path}")
         if not overrides.empty:
             ui.note(f"overrides: {overrides.describe()}")
@@ -286,11 +288,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Run exactly iteration K of an earlier run again: same scenario text, same seed,
-    the same command-line overrides (from run.json)."""
+    the same command-line overrides (from run.json).
+
+    A race does not fail every time its timing comes round (the guest's scheduling is
+    not replayed, only the lab's inputs), so ``--attempts N`` runs it up to N times and
+    stops at the first failure: exit 1 and "reproduced at attempt j of N", or exit 0
+    when no attempt failed. ``--every-attempt`` runs all N, for the reproduction rate."""
     from lab.runner import resolve_topology
     from lab.scenario import validate_text
     from lab.scenario.overrides import Overrides
 
+    if args.attempts < 1:
+        raise UsageError(f"--attempts {args.attempts}: must be 1 or more")
+    if args.every_attempt and args.attempts == 1:
+        raise UsageError("--every-attempt needs --attempts N (N > 1)")
     run_dir = Path(args.run_dir)
     try:
         meta = json.loads((run_dir / "run.json").read_text())
@@ -305,7 +316,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not 0 <= args.iteration < n:
         raise UsageError(f"--iteration {args.iteration} does not exist in {run_dir} (0..{n - 1})")
     return _run_scenario(scenario, args, [args.iteration], suffix=f"-replay-{args.iteration}",
-                         overrides=overrides)
+                         overrides=overrides, attempts=args.attempts,
+                         every_attempt=args.every_attempt)
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
@@ -318,6 +330,8 @@ def cmd_timeline(args: argparse.Namespace) -> int:
             else [path / "timeline.jsonl"]
         if args.iteration is not None:
             found = [p for p in found if f"iterations/{args.iteration}/" in str(p)]
+            if not found:
+                raise UsageError(f"no iterations/{args.iteration}/timeline.jsonl under {path}")
         if not found:
             raise UsageError(f"no timeline.jsonl under {path}")
         if len(found) > 1 and args.iteration is None:
@@ -438,12 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="run one iteration of an earlier run again, same seed")
     rp.add_argument("run_dir", metavar="RUN_DIR")
     rp.add_argument("--iteration", type=int, required=True, metavar="K")
+    rp.add_argument("--attempts", type=int, default=1, metavar="N",
+                    help="run it up to N times, stopping at the first failure (a race "
+                    "reproduces only some of the time; default 1)")
+    rp.add_argument("--every-attempt", action="store_true",
+                    help="run all N attempts, to measure how often it reproduces")
     common(rp)
     rp.set_defaults(func=cmd_replay)
 
     t = sub.add_parser("timeline", help="print a run's aligned timeline (host and guest events)")
     t.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a timeline.jsonl")
-    t.add_argument("--iteration", type=int, help="the iteration of a scenario run")
+    t.add_argument("--iteration", metavar="K",
+                   help="the iteration of a scenario run (K, or K.A for attempt A of a replay)")
     t.add_argument("--device", help="only events of this device (QOM id or BDF)")
     t.add_argument("--kind", action="append", help="only this event kind (repeatable)")
     t.add_argument("--source", action="append", help="only this source, e.g. guest.kprobe")

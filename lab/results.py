@@ -88,10 +88,24 @@ class IterationResult:
     artifacts: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     stopped_at: str | None = None
+    # a replay's attempt number (1..N) when one iteration ran several times, else None
+    attempt: int | None = None
+
+    @property
+    def key(self) -> int | str:
+        """What names this result in a run: the index, or ``"4.2"`` for attempt 2 of a
+        replay of iteration 4 (its directory is ``iterations/4.2``)."""
+        return self.index if self.attempt is None else f"{self.index}.{self.attempt}"
+
+    @property
+    def label(self) -> str:
+        """``#4`` or ``#4 attempt 2``, for people."""
+        return f"#{self.index}" + (f" attempt {self.attempt}" if self.attempt is not None else "")
 
     def to_json(self) -> dict[str, Any]:
         return {
             "index": self.index,
+            **({"attempt": self.attempt} if self.attempt is not None else {}),
             "parameters": self.parameters,
             "seed": self.seed,
             "status": self.status.value,
@@ -109,4 +123,4 @@ class IterationResult:
                    violations=tuple(Violation.from_json(v) for v in d.get("violations", ())),
                    timings=tuple(StepTiming(**t) for t in d.get("timings", ())),
                    artifacts=dict(d.get("artifacts") or {}), error=d.get("error"),
-                   stopped_at=d.get("stopped_at"))
+                   stopped_at=d.get("stopped_at"), attempt=d.get("attempt"))

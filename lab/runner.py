@@ -103,7 +103,8 @@ class ScenarioRunner:
                  accel: str | None = None, image: GuestImage | None = None,
                  only: Sequence[int] | None = None, name_suffix: str = "",
                  console: Any = None, audio: bool | None = None,
-                 overrides: Overrides | None = None) -> None:
+                 overrides: Overrides | None = None, attempts: int = 1,
+                 every_attempt: bool = False) -> None:
         # what the CLI changed (already applied to ``scenario``): recorded for replay
         self.overrides = overrides or Overrides()
         self.guest = self._guest_boot(scenario, image, accel)
@@ -113,6 +114,12 @@ class ScenarioRunner:
             self.topology = replace(self.topology, hotplug_mode=HotplugMode(scenario.hotplug_mode))
         self.sweep = scenario.sweep()
         self.indices = list(only) if only is not None else list(range(len(self.sweep)))
+        # a replay of a race: each iteration up to ``attempts`` times, until one fails
+        # (or all of them, ``every_attempt``, to measure how often it reproduces)
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, not {attempts}")
+        self.attempts = attempts
+        self.every_attempt = every_attempt
         self.accel = accel
         self.run = RunDir(runs_root, scenario.name + name_suffix)
         self.console = console
@@ -123,7 +130,7 @@ class ScenarioRunner:
             for s in _walk(self.sweep.iteration(k).steps))
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.machine_count = 0
-        self._bounds: dict[int, int] = {}
+        self._bounds: dict[int | str, int] = {}
 
     # ---- the run -----------------------------------------------------------------------
     def execute(self) -> Any:
@@ -136,7 +143,9 @@ class ScenarioRunner:
             "command": "run", "scenario": self.scenario.to_json(),
             "scenario_file": self.scenario.file,
             "base_dir": str(self.scenario.base_dir) if self.scenario.base_dir else None,
-            "iterations": self.indices, "overrides": self.overrides.to_json(),
+            "iterations": self.indices, "attempts": self.attempts,
+            "every_attempt": self.every_attempt,
+            "overrides": self.overrides.to_json(),
             "image": self.guest.describe_image(), "guest": self.guest.describe(),
             "topology": self.topology.to_json(), "started_at": self.started_at})
         run_status: Status | None = None
@@ -144,18 +153,23 @@ class ScenarioRunner:
         error: str | None = None
         done: set[int] = set()
         try:
-            for k in self.indices:
+            for k, attempt in self._schedule():
                 it = self.sweep.iteration(k)
                 if self.console is not None:
-                    self.console.start(k, it.parameters)
-                result = self._iteration(it)
+                    self.console.start(k, it.parameters, attempt)
+                result = self._iteration(it, attempt)
                 done.add(k)
                 self.results.append(result)
                 if self.console is not None:
                     self.console.finish(result)
                 why = self.sweep.should_stop(self.results)
+                if (why is None and attempt is not None and not self.every_attempt
+                        and result.status == Status.FAILED):
+                    why = f"reproduced at attempt {attempt} of {self.attempts}"
                 if why:
                     stopped_at = why
+                    if self.console is not None and attempt is not None:
+                        self.console.note(f"#{k}: {why}")
                     break
         except (KeyboardInterrupt, Interrupted) as exc:
             run_status, stopped_at = Status.INTERRUPTED, f"interrupted: {exc or 'Ctrl-C'}"
@@ -282,20 +296,29 @@ class ScenarioRunner:
             for dev_id in sorted(m.present - initial):
                 ops.unplug(m, dev_id)
 
+    def _schedule(self) -> list[tuple[int, int | None]]:
+        """(index, attempt) in run order; attempt is None unless a replay asked for
+        several, because a race reproduces only some of the time."""
+        if self.attempts == 1:
+            return [(k, None) for k in self.indices]
+        return [(k, a) for k in self.indices for a in range(1, self.attempts + 1)]
+
     # ---- one iteration -----------------------------------------------------------------
-    def _iteration(self, it: Iteration) -> IterationResult:
-        it_dir = self.run.path / "iterations" / str(it.index)
+    def _iteration(self, it: Iteration, attempt: int | None = None) -> IterationResult:
+        key: int | str = it.index if attempt is None else f"{it.index}.{attempt}"
+        it_dir = self.run.path / "iterations" / str(key)
         it_dir.mkdir(parents=True, exist_ok=True)
         (it_dir / "parameters.json").write_text(json.dumps(
-            {"index": it.index, "parameters": it.parameters, "seed": it.seed}, indent=2,
-            default=str))
-        self.run.log(f"iteration {it.label()} seed={it.seed}")
+            {"index": it.index, "parameters": it.parameters, "seed": it.seed}
+            | ({"attempt": attempt} if attempt is not None else {}), indent=2, default=str))
+        self.run.log(f"iteration {it.label()} seed={it.seed}"
+                     + (f" attempt {attempt} of {self.attempts}" if attempt is not None else ""))
         status = Status.PASSED
         error: str | None = None
         stopped_at: str | None = None
         st: IterationState | None = None
         tl: Timeline | None = None
-        artifacts: dict[str, str] = {"dir": f"iterations/{it.index}"}
+        artifacts: dict[str, str] = {"dir": f"iterations/{key}"}
         try:
             m = self._ensure_machine()
             obs = Observation(m).start()
@@ -319,12 +342,12 @@ class ScenarioRunner:
                 try:
                     tl = st.obs.finish(it_dir / "timeline.jsonl")
                 except Exception as exc:
-                    self.run.log(f"iteration {it.index}: timeline failed: {exc!r}")
+                    self.run.log(f"iteration {key}: timeline failed: {exc!r}")
         violations = list(st.violations) if st else []
         if tl is not None:
-            artifacts["timeline"] = f"iterations/{it.index}/timeline.jsonl"
+            artifacts["timeline"] = f"iterations/{key}/timeline.jsonl"
             if tl.bound_ns is not None:
-                self._bounds[it.index] = tl.bound_ns
+                self._bounds[key] = tl.bound_ns
             if status in (Status.PASSED, Status.FAILED):
                 found = self._final_rules(tl)
                 seen = {(v.rule, v.device, v.message) for v in violations}
@@ -339,7 +362,7 @@ class ScenarioRunner:
                       or any(v.rule.startswith("kernel") or v.rule == "bugcheck"
                              for v in violations))
             if broken or status == Status.ERROR:
-                self.run.log(f"iteration {it.index}: restarting the guest "
+                self.run.log(f"iteration {key}: restarting the guest "
                              f"({'broken' if broken else 'after a lab error'})")
                 self._stop_machine()
             elif status != Status.INTERRUPTED:
@@ -352,7 +375,7 @@ class ScenarioRunner:
                                status=status, violations=tuple(violations),
                                timings=tuple(st.timings) if st else (), artifacts=artifacts,
                                error=error, stopped_at=stopped_at if status != Status.PASSED
-                               else None)
+                               else None, attempt=attempt)
 
     def _final_rules(self, tl: Timeline) -> list[Violation]:
         default = GUEST_RULES_LINUX if self.guest.os == "linux" else GUEST_RULES_WINDOWS

@@ -97,11 +97,12 @@ class RunConsole:
                        f"{self._counts_text()}{tail}")
 
     # ---- updates -----------------------------------------------------------------------
-    def start(self, index: int, parameters: Mapping[str, Any]) -> None:
-        """An iteration begins."""
+    def start(self, index: int, parameters: Mapping[str, Any], attempt: int | None = None) -> None:
+        """An iteration begins (``attempt``: which try of a replay with several)."""
         self.current = index
         self.parameters = dict(parameters)
-        label = f"#{index}" + (f" {fmt_params(parameters)}" if parameters else "")
+        label = f"#{index}" + (f" attempt {attempt}" if attempt is not None else "") + \
+            (f" {fmt_params(parameters)}" if parameters else "")
         if self.plain:
             self._line(f"[{self.done + 1:>{len(str(self.total))}}/{self.total}] {label} ...")
         elif self._progress is not None and self._task is not None:
@@ -124,13 +125,13 @@ class RunConsole:
             (result.error or "").splitlines()[0] if result.error else "",
             result.stopped_at or "" if result.status == Status.SKIPPED else "") if x)
         if self.plain:
-            self._line(f"    #{result.index} {result.status.value}" +
+            self._line(f"    {result.label} {result.status.value}" +
                        (f"  {detail}" if detail else ""))
         else:
             if result.status != Status.PASSED and result.status != Status.SKIPPED:
                 style = STATUS_STYLE[result.status]
                 self.console.print(Text.assemble(
-                    (f"#{result.index} {result.status.value}", style),
+                    (f"{result.label} {result.status.value}", style),
                     f" {fmt_params(result.parameters)} {detail}"))
             if self._progress is not None and self._task is not None:
                 self._progress.update(self._task, advance=1, counts=self._counts_text())

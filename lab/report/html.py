@@ -178,7 +178,7 @@ class Tick:
 
 @dataclass
 class TimelineView:
-    index: int
+    index: int | str
     width: int
     height: int
     plot_left: int
@@ -292,7 +292,7 @@ def layout_timeline(result: IterationResult, events: Sequence[Event], *,
          if ref.source in Source._value2member_map_}
     order = [s for s in SOURCE_ORDER if s in sources_present] + \
         sorted((s for s in sources_present if s not in SOURCE_ORDER), key=lambda s: s.value)
-    view = TimelineView(index=result.index, width=width, height=0, plot_left=plot_l,
+    view = TimelineView(index=result.key, width=width, height=0, plot_left=plot_l,
                         plot_right=plot_r, t0_ns=int(t0))
     if window is not None:
         view.caption = (f"zoom {_fmt_ms(lo - t0)} … {_fmt_ms(hi - t0)} "
@@ -344,7 +344,7 @@ def layout_timeline(result: IterationResult, events: Sequence[Event], *,
         y += LANE_H
     by_seq = {e.seq: e for e in events if e.seq}
     for n, v in enumerate(result.violations):
-        href = f"#v-{result.index}-{n}"
+        href = f"#v-{result.key}-{n}"
         title = f"violation {n + 1}: {v.rule} on {v.device} ({v.phase})\n{v.message}"
         first = True
         for ref in v.events:
@@ -405,14 +405,14 @@ def safe_href(path: str) -> str | None:
     return urllib.parse.quote(p, safe="/._-~")
 
 
-def choose_iterations(summary: Summary, limit: int = 5) -> list[int]:
+def choose_iterations(summary: Summary, limit: int = 5) -> list[int | str]:
     """Which iterations get a timeline picture: failed first, then lab errors, else the
     first iteration that ran (so a green run still shows what happened)."""
-    failed = [r.index for r in summary.results if r.status == Status.FAILED]
-    errors = [r.index for r in summary.results if r.status == Status.ERROR]
+    failed = [r.key for r in summary.results if r.status == Status.FAILED]
+    errors = [r.key for r in summary.results if r.status == Status.ERROR]
     chosen = (failed + errors)[:limit]
     if not chosen:
-        ran = [r.index for r in summary.results if r.status in (Status.PASSED, Status.FAILED,
+        ran = [r.key for r in summary.results if r.status in (Status.PASSED, Status.FAILED,
                                                                 Status.ERROR)]
         chosen = ran[:1]
     return chosen
@@ -431,7 +431,7 @@ def _violation_rows(r: IterationResult, t0: int) -> list[ViolationRow]:
     for n, v in enumerate(r.violations):
         evs = [f"{_fmt_ms(e.t_host_ns - t0)} {e.source} {e.kind} #{e.seq}"
                + (f": {e.summary}" if e.summary else "") for e in v.events]
-        rows.append(ViolationRow(f"v-{r.index}-{n}", n + 1, v, evs))
+        rows.append(ViolationRow(f"v-{r.key}-{n}", n + 1, v, evs))
     return rows
 
 
@@ -446,11 +446,12 @@ def _env() -> jinja2.Environment:
     return env
 
 
-def render_report(summary: Summary, timelines: Mapping[int, Sequence[Event]], *,
-                  headers: Mapping[int, Mapping[str, Any]] | None = None,
-                  run_artifacts: Sequence[str] = (), notes: Mapping[int, Sequence[str]]
+def render_report(summary: Summary, timelines: Mapping[int | str, Sequence[Event]], *,
+                  headers: Mapping[int | str, Mapping[str, Any]] | None = None,
+                  run_artifacts: Sequence[str] = (), notes: Mapping[int | str, Sequence[str]]
                   | None = None, generated_at: str | None = None) -> str:
-    """The page as a string. ``timelines`` maps iteration index to its events; only those
+    """The page as a string. ``timelines`` maps a result's key (its index, or
+    ``"4.2"`` for a replay attempt) to its events; only those
     iterations get a picture (use ``choose_iterations``). ``run_artifacts`` are paths
     relative to the run directory to link to."""
     headers = headers or {}
@@ -480,7 +481,7 @@ def render_report(summary: Summary, timelines: Mapping[int, Sequence[Event]], *,
         dur = iteration_duration_s(r)
         rows.append({"r": r, "params": fmt_params(r.parameters), "signatures": sigs,
                      "duration": f"{dur:.2f} s" if dur is not None else "",
-                     "has_picture": r.index in timelines,
+                     "has_picture": r.key in timelines,
                      "note": r.error or (r.stopped_at if r.status == Status.SKIPPED else "")
                      or "", "artifacts": _artifact_links(r)})
     run = summary.run
@@ -507,7 +508,7 @@ def render_report(summary: Summary, timelines: Mapping[int, Sequence[Event]], *,
 
 
 def _artifact_links(r: IterationResult) -> list[tuple[str, str]]:
-    out = [(f"iterations/{r.index}/", f"iterations/{r.index}/")]
+    out = [(f"iterations/{r.key}/", f"iterations/{r.key}/")]
     for name, rel in sorted(r.artifacts.items()):
         h = safe_href(rel)
         if h:
@@ -544,7 +545,7 @@ def timeline_path(run_dir: Path, r: IterationResult) -> Path:
     rel = r.artifacts.get("timeline")
     if rel and safe_href(rel):
         return run_dir / rel
-    return run_dir / "iterations" / str(r.index) / "timeline.jsonl"
+    return run_dir / "iterations" / str(r.key) / "timeline.jsonl"
 
 
 def write_report(run_dir: str | Path, summary: Summary | None = None, *,
@@ -552,9 +553,9 @@ def write_report(run_dir: str | Path, summary: Summary | None = None, *,
     """Render ``report.html`` into ``run_dir`` from ``summary.json`` and the timelines."""
     rd = Path(run_dir)
     summary = summary or load_summary(rd)
-    timelines: dict[int, Sequence[Event]] = {}
-    headers: dict[int, Mapping[str, Any]] = {}
-    notes: dict[int, list[str]] = {}
+    timelines: dict[int | str, Sequence[Event]] = {}
+    headers: dict[int | str, Mapping[str, Any]] = {}
+    notes: dict[int | str, list[str]] = {}
     for idx in choose_iterations(summary, max_timelines):
         r = summary.result(idx)
         tp = timeline_path(rd, r)

@@ -33,7 +33,8 @@ def _clean(text: str) -> str:
 def case_name(r: IterationResult) -> str:
     """``#007 delay_ms=300 model=AC97``: sortable index, then parameters."""
     params = fmt_params(r.parameters)
-    return f"#{r.index:03d}" + (f" {params}" if params else "")
+    att = f" attempt {r.attempt}" if r.attempt is not None else ""
+    return f"#{r.index:03d}{att}" + (f" {params}" if params else "")
 
 
 def _t0(r: IterationResult) -> int | None:
@@ -125,7 +126,7 @@ def _case(r: IterationResult, scenario: str, run_dir: str | Path | None) -> Test
     out = [f"seed: {r.seed}"]
     if run_dir is not None:
         out.append(f"run directory: {run_dir}")
-        out.append(f"iteration directory: {Path(run_dir) / 'iterations' / str(r.index)}")
+        out.append(f"iteration directory: {Path(run_dir) / 'iterations' / str(r.key)}")
     for name, rel in sorted(r.artifacts.items()):
         out.append(f"artifact {name}: {rel}")
     if r.timings:

@@ -162,11 +162,12 @@ class Summary:
     def ran(self) -> int:
         return sum(1 for r in self.results if _ran(r))
 
-    def result(self, index: int) -> IterationResult:
+    def result(self, key: int | str) -> IterationResult:
+        """The result named ``key``: an index, or ``"4.2"`` for a replay's attempt."""
         for r in self.results:
-            if r.index == index:
+            if r.key == key:
                 return r
-        raise KeyError(index)
+        raise KeyError(key)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -293,7 +294,7 @@ def _group(values: Mapping[str, Any], rs: Sequence[IterationResult]) -> GroupSta
 
 def build_summary(info: RunInfo, results: Iterable[IterationResult]) -> Summary:
     """Aggregate results (any order; sorted by index) into a ``Summary``."""
-    rs = tuple(sorted(results, key=lambda r: r.index))
+    rs = tuple(sorted(results, key=lambda r: (r.index, r.attempt or 0)))
     ran = [r for r in rs if _ran(r)]
     status = overall_status(rs, info.status)
     counts = {s.value: sum(r.status == s for r in rs) for s in Status}

@@ -56,6 +56,18 @@ def test_sweep_reports_per_delay_and_replays_an_iteration(image: GuestImage, tmp
     again = run_dir_of(r2.stdout)
     replayed = json.loads((again / "iterations" / "3" / "parameters.json").read_text())
     assert replayed == original   # same parameters and seed
+    # --attempts: a passing iteration runs every attempt, each in its own directory
+    r3 = rebalab("replay", str(first), "--iteration", "3", "--attempts", "2",
+                 "--runs", str(tmp_path))
+    assert r3.returncode == 0, r3.stdout[-2000:]
+    third = run_dir_of(r3.stdout)
+    for a in (1, 2):
+        p = json.loads((third / "iterations" / f"3.{a}" / "parameters.json").read_text())
+        assert p == original | {"attempt": a}
+    s3 = json.loads((third / "summary.json").read_text())
+    assert [(it["index"], it["attempt"], it["status"]) for it in s3["iterations"]] == \
+        [(3, 1, "passed"), (3, 2, "passed")]
+    assert "#3 attempt 2 passed" in r3.stdout + r3.stderr
 
 
 def test_a_broken_expectation_exits_1_with_the_violation(image: GuestImage, tmp_path: Path) -> None:
