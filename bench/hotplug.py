@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 from lab import operations as ops
+from lab.errors import Interrupted
 from lab.image import GuestImage
 from lab.machine import Machine
 from lab.rundir import RunDir
+from lab.signals import graceful
 from vdevice.presets import default_topology
 from vdevice.topology import Device, HotplugMode, Placement
 
@@ -46,35 +48,39 @@ def main() -> int:
         run = RunDir(Path(tmp), "bench")
         boots: list[float] = []
         accel = "?"
-        for mode_name in args.modes.split(","):
-            mode = HotplugMode(mode_name)
-            cycles = args.cycles if mode == HotplugMode.ACPI else args.native_cycles
-            for b in range(args.boots if mode == HotplugMode.ACPI else 1):
-                m = Machine(default_topology(mode), run, image=image, subdir=f"{mode_name}-{b}")
-                try:
-                    m.start()
-                    accel = m.accel.name if m.accel else "?"
-                    boots.append(m.timings["launch_to_agent_s"] * 1e3)
-                    if b:
-                        continue
-                    for model in args.models.split(","):
-                        bound, q_gone, g_gone, dev_add = [], [], [], []
-                        for _ in range(cycles):
-                            r = ops.plug(m, Device("snd0", model, "rp1", Placement.HOT))
-                            bound.append(r.durations_ms["bound"])
-                            dev_add.append(r.durations_ms["device_add"])
-                            u = ops.unplug(m, "snd0")
-                            q_gone.append(u.durations_ms["qemu_gone"])
-                            g_gone.append(u.durations_ms.get("guest_gone", u.durations_ms["qemu_gone"]))
-                        for what, xs in (("device_add", dev_add), ("bound", bound),
-                                         ("qemu_gone", q_gone), ("guest_gone", g_gone)):
-                            lo, med, hi = stats(xs)
-                            rows.append({"mode": mode_name, "model": model, "what": what,
-                                         "n": len(xs), "min": lo, "median": med, "max": hi,
-                                         "first": xs[0]})
-                finally:
-                    m.stop()
-        run.close()
+        try:
+            for mode_name in args.modes.split(","):
+                mode = HotplugMode(mode_name)
+                cycles = args.cycles if mode == HotplugMode.ACPI else args.native_cycles
+                for b in range(args.boots if mode == HotplugMode.ACPI else 1):
+                    m = Machine(default_topology(mode), run, image=image,
+                                subdir=f"{mode_name}-{b}")
+                    try:
+                        m.start()
+                        accel = m.accel.name if m.accel else "?"
+                        boots.append(m.timings["launch_to_agent_s"] * 1e3)
+                        if b:
+                            continue
+                        for model in args.models.split(","):
+                            bound, q_gone, g_gone, dev_add = [], [], [], []
+                            for _ in range(cycles):
+                                r = ops.plug(m, Device("snd0", model, "rp1", Placement.HOT))
+                                bound.append(r.durations_ms["bound"])
+                                dev_add.append(r.durations_ms["device_add"])
+                                u = ops.unplug(m, "snd0")
+                                q_gone.append(u.durations_ms["qemu_gone"])
+                                g_gone.append(u.durations_ms.get("guest_gone",
+                                                                 u.durations_ms["qemu_gone"]))
+                            for what, xs in (("device_add", dev_add), ("bound", bound),
+                                             ("qemu_gone", q_gone), ("guest_gone", g_gone)):
+                                lo, med, hi = stats(xs)
+                                rows.append({"mode": mode_name, "model": model, "what": what,
+                                             "n": len(xs), "min": lo, "median": med, "max": hi,
+                                             "first": xs[0]})
+                    finally:
+                        m.stop()
+        finally:
+            run.close()      # the private socket directory too
     lo, med, hi = stats(boots)
     rows.insert(0, {"mode": "-", "model": "-", "what": "boot", "n": len(boots), "min": lo,
                     "median": med, "max": hi, "first": boots[0]})
@@ -93,4 +99,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # SIGTERM/SIGHUP unwind like Ctrl-C: QEMU stopped, the temporary run directory gone
+    with graceful():
+        try:
+            sys.exit(main())
+        except (KeyboardInterrupt, Interrupted) as exc:
+            print(f"benchmark interrupted: {exc or 'Ctrl-C'}", file=sys.stderr)
+            sys.exit(130)

@@ -4,7 +4,11 @@ For each planted bug of the guest test driver it measures
 - sweep throughput: iterations per minute of one full sweep (8 delays), wall time of
   the whole run (guest restarts after an oops included);
 - iterations until the first failure (``--until-fail``), median over ``--seeds``
-  seeds (each seed draws other jitter), counting the failing iteration itself.
+  seeds (each seed draws other jitter), counting the failing iteration itself;
+- how often a replay reproduces: the sweep's failing iteration nearest the middle of
+  its failing delays, replayed ``--replay-attempts`` times (every attempt run), counting
+  the attempts that show the same signature. A race is below 100 %: the lab replays its
+  own inputs, not the guest's scheduling.
 `none` has no first failure: its row shows the throughput only, and any failure there
 is printed as a false alarm. Run with `make bench-race` (not part of the tests: tests
 assert behaviour, benchmarks measure time).
@@ -24,19 +28,39 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from lab.errors import Interrupted
 from lab.results import Status
 from lab.runner import ScenarioRunner, load_scenario
 from lab.scenario.overrides import Overrides
+from lab.signals import graceful
 
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "race-planted.yaml"
 BUGS = ("none", "no-drain", "slow-remove", "stale-bar")
 
 
-def run_once(overrides: Overrides, runs: Path) -> tuple[Any, float]:
+def run_once(overrides: Overrides, runs: Path, **kw: Any) -> tuple[Any, float]:
     scenario = overrides.apply(load_scenario(SCENARIO))
     t0 = time.monotonic()
-    summary = ScenarioRunner(scenario, runs_root=runs, overrides=overrides).execute()
+    summary = ScenarioRunner(scenario, runs_root=runs, overrides=overrides, **kw).execute()
+    if summary.status == Status.INTERRUPTED:      # the runner stopped cleanly; so do we
+        raise Interrupted(summary.run.stopped_at or "interrupted")
     return summary, time.monotonic() - t0
+
+
+def replay_rate(summary: Any, overrides: Overrides, runs: Path, attempts: int) -> dict[str, Any]:
+    """Replay the sweep's most central failing iteration ``attempts`` times."""
+    if not summary.signatures or attempts < 1:
+        return {}
+    sig = summary.signatures[0]
+    delay = {r.index: r.parameters.get("delay_ms") for r in summary.results}
+    mid = sorted(delay[i] for i in sig.iterations)[len(sig.iterations) // 2]
+    k = min(sig.iterations, key=lambda i: abs(delay[i] - mid))
+    s, _ = run_once(overrides, runs, only=[k], attempts=attempts, every_attempt=attempts > 1,
+                    name_suffix=f"-replay-{k}")
+    same = sum(1 for r in s.results if any(str(v.signature) == sig.signature
+                                           for v in r.violations))
+    return {"signature": sig.signature, "iteration": k, "delay_ms": delay[k],
+            "attempts": len(s.results), "reproduced": same}
 
 
 def main() -> int:
@@ -45,10 +69,12 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3, help="seeds for iterations-to-first-failure")
     ap.add_argument("--max-rounds", type=int, default=3,
                     help="rounds over the delays before giving up on a first failure")
+    ap.add_argument("--replay-attempts", type=int, default=5,
+                    help="replays of a failing iteration, for the reproduction rate (0: none)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
-    out = Console()
+    out = Console(width=None if sys.stdout.isatty() else 140)   # CI logs: no folded cells
     with tempfile.TemporaryDirectory(prefix="rebalab-bench-race-") as tmp:
         runs = Path(tmp)
         for bug in args.bugs.split(","):
@@ -60,7 +86,10 @@ def main() -> int:
                 "wall_s": round(wall, 1),
                 "iterations_per_min": round(len(ran) / wall * 60, 2) if wall else None,
                 "first_failure": [],
-                "lab_errors": sum(r.status == Status.ERROR for r in summary.results)}
+                "lab_errors": sum(r.status == Status.ERROR for r in summary.results),
+                "accelerator": summary.run.accelerator,
+                "replay": replay_rate(summary, Overrides(sets=(f"bug={bug}",)), runs,
+                                      args.replay_attempts)}
             if bug != "none":
                 for seed in range(args.seeds):
                     o = Overrides(sets=(f"bug={bug}",), seed=1000 + seed,
@@ -72,9 +101,10 @@ def main() -> int:
                     row["first_failure"].append(first)
             rows.append(row)
             out.print(f"{bug}: {row}", highlight=False)
-    t = Table(title="race-planted (TCG)" if rows else "race-planted")
+    accel = sorted({str(r["accelerator"]) for r in rows if r.get("accelerator")})
+    t = Table(title=f"race-planted ({', '.join(accel)})" if accel else "race-planted")
     for col in ("bug", "iterations", "failed", "rate", "iter/min", "first failure (median)",
-                "per seed"):
+                "per seed", "replay reproduced"):
         t.add_column(col, justify="left" if col == "bug" else "right")
     for r in rows:
         firsts = [f for f in r["first_failure"] if f is not None]
@@ -83,7 +113,10 @@ def main() -> int:
         t.add_row(r["bug"], str(r["iterations"]), str(r["failed"]),
                   f"{100 * r['failed'] / r['iterations']:.0f} %" if r["iterations"] else "-",
                   f"{r['iterations_per_min']}", med,
-                  ", ".join("never" if f is None else str(f) for f in r["first_failure"]) or "-")
+                  ", ".join("never" if f is None else str(f) for f in r["first_failure"]) or "-",
+                  (f"{r['replay']['reproduced']} of {r['replay']['attempts']} "
+                   f"(#{r['replay']['iteration']}, {r['replay']['delay_ms']} ms)")
+                  if r["replay"] else "-")
     out.print(t)
     false_alarms = [r for r in rows if r["bug"] == "none" and r["failed"]]
     if false_alarms:
@@ -94,4 +127,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # SIGTERM/SIGHUP unwind like Ctrl-C: QEMU stopped, the temporary run directory gone
+    with graceful():
+        try:
+            sys.exit(main())
+        except (KeyboardInterrupt, Interrupted) as exc:
+            print(f"benchmark interrupted: {exc or 'Ctrl-C'}", file=sys.stderr)
+            sys.exit(130)
