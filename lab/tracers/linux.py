@@ -16,6 +16,7 @@ and a trace channel must not depend on the network the lab also needs for comman
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -32,6 +33,10 @@ from lab.tracers.btf import BtfError, DeviceNameOffsets
 
 TRACEFS = "/sys/kernel/tracing"
 TRACE_TTY = "/dev/ttyS2"
+# the relay (cat trace_pipe > ttyS2) runs once per boot; its pid is kept here so a later
+# observation finds it (pgrep -f would match the very shell that asks)
+RELAY_PID = "/tmp/rebalab-trace-relay.pid"
+_DRAIN_TOKENS = itertools.count(1)
 GROUP = "rebalab"
 # modules whose callbacks we want to probe: loaded up front so their symbols exist
 AUDIO_MODULES = ("snd_hda_intel", "snd_intel8x0", "snd_ens1370")
@@ -166,6 +171,8 @@ class LinuxTracer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.parser: TraceParser | None = None
+        self._drain_token: str | None = None
+        self._drained = threading.Event()
 
     def _offsets(self) -> DeviceNameOffsets | None:
         import os
@@ -190,13 +197,17 @@ class LinuxTracer:
         if agent is None:
             raise LabError("the guest agent is not connected")
         sh = agent.shell
-        if self.preload:
-            agent.run(" ; ".join(f"modprobe {sh.quote(mod)}" for mod in self.preload)).check()
+        # every SSH command costs ~0.2 s under TCG, and this runs per iteration: the
+        # preload and the module list go in one, the set-up and the relay in another
+        load = " ; ".join(f"modprobe {sh.quote(mod)}" for mod in self.preload)
+        r = agent.run((f"{{ {load} ; }} || {{ echo 'modprobe failed' >&2; exit 3; }}; "
+                       if load else "") + "cut -d' ' -f1 /proc/modules | sort")
+        r.check()
         # ask only for the names we want: the whole list is ~50,000 lines to ship over SSH
         wanted = " ".join(f"-e {sh.quote(s.func)}" for s in self.wanted)
         # the kernel builds that list on every read (~1 s under TCG): ask once per boot
         # and set of loaded modules, which is all that changes it
-        modules = agent.run("cut -d' ' -f1 /proc/modules | sort").stdout
+        modules = r.stdout
         cache = getattr(self.m, "guest_cache", {})
         key = ("kprobe-functions", modules)
         if key not in cache:
@@ -230,9 +241,16 @@ class LinuxTracer:
             "echo > trace",
             f"echo 1 > events/{GROUP}/enable",
             "echo 1 > tracing_on",
+            # the relay to the trace port, unless this boot's is still running
+            f"if ! {{ [ -f {RELAY_PID} ] && kill -0 \"$(cat {RELAY_PID})\" 2>/dev/null; }}; then",
+            f"  stty -F {TRACE_TTY} raw -echo -opost 115200 || exit 4",
+            f"  (setsid sh -c 'echo $$ > {RELAY_PID}; exec cat {TRACEFS}/trace_pipe > {TRACE_TTY}'"
+            " </dev/null >/dev/null 2>&1 &)",
+            "fi",
+            "echo started",
         ])
         r = agent.run(script, idempotent=True) if isinstance(agent, SshAgent) else agent.run(script)
-        if not r.ok or "failed:" in r.stderr:
+        if not r.ok or "failed:" in r.stderr or "started" not in r.stdout:
             cache.pop("kprobe-defs", None)
             err = agent.run(f"cat {TRACEFS}/error_log").stdout.strip()[-400:]
             raise AgentError(f"could not set up kprobes: {r.stderr.strip()[-300:]} {err}")
@@ -242,16 +260,15 @@ class LinuxTracer:
         if port is None:
             raise LabError("the machine has no trace serial port")
         port.listeners.append(self._on_line)
-        r = agent.run(f"stty -F {TRACE_TTY} raw -echo -opost 115200 && "
-                      f"(setsid sh -c 'exec cat {TRACEFS}/trace_pipe > {TRACE_TTY}' "
-                      f"</dev/null >/dev/null 2>&1 &) && echo started")
-        if "started" not in r.stdout:
-            raise AgentError(f"could not start the trace relay on {TRACE_TTY}: {r.stderr.strip()}")
         self.m.run.log(f"kprobes on {', '.join(s.func for s in self.active)}"
                        + (f"; not in this kernel: {', '.join(self.missing)}" if self.missing else ""))
         return self
 
     def _on_line(self, line: ConsoleLine) -> None:
+        token = self._drain_token
+        if token is not None and line.text.rstrip().endswith(token):
+            self._drained.set()
+            return
         if self._stop.is_set() or self.parser is None:
             return
         ev = self.parser.parse(line.text, line.t_host_ns)
@@ -277,18 +294,29 @@ class LinuxTracer:
                 raise DeadlineExceeded(what, timeout, evs[-1].kind.value if evs else None)
             time.sleep(0.005)
 
-    def stop(self, *, drain_s: float = 0.2) -> list[Event]:
-        """Stop tracing; give the relay a moment to deliver what is buffered."""
+    def stop(self, *, drain_s: float = 2.0) -> list[Event]:
+        """Stop tracing once everything recorded has arrived.
+
+        The probes are disabled and a marker is written to trace_marker; trace_pipe
+        hands out events in timestamp order, so when the marker comes through the
+        relay every event before it has too. No fixed sleep: under load a sleep is
+        either too short (events lost) or wasted. The relay stays for the next
+        observation of this boot.
+        """
         agent = self.m.agent
         alive = self.m.process is not None and self.m.process.alive()
         if alive and agent is not None:
-            time.sleep(drain_s)
+            token = f"rebalab-drain-{next(_DRAIN_TOKENS)}"
+            self._drained.clear()
+            self._drain_token = token
             try:
                 agent.run(f"cd {TRACEFS} && echo 0 > events/{GROUP}/enable && "
-                          f"echo 0 > tracing_on; pkill -f 'cat {TRACEFS}/trace_pipe' "
-                          f"|| killall cat 2>/dev/null; true", timeout=5)
-            except LabError:
-                pass
+                          f"echo {token} > trace_marker", timeout=5)
+                if not self._drained.wait(drain_s):
+                    self.m.run.log(f"kprobe trace: the drain marker did not arrive within "
+                                   f"{drain_s:g} s; events just before the end may be missing")
+            except LabError as exc:
+                self.m.run.log(f"kprobe trace: could not stop cleanly: {exc}")
         self._stop.set()
         if self.m.trace_port is not None and self._on_line in self.m.trace_port.listeners:
             self.m.trace_port.listeners.remove(self._on_line)
