@@ -331,7 +331,11 @@ def cmd_timeline(args: argparse.Namespace) -> int:
         if args.iteration is not None:
             found = [p for p in found if f"iterations/{args.iteration}/" in str(p)]
             if not found:
-                raise UsageError(f"no iterations/{args.iteration}/timeline.jsonl under {path}")
+                tries = sorted({p.parent.name for p in path.rglob("timeline.jsonl")
+                                if p.parent.name.startswith(f"{args.iteration}.")})
+                hint = f" (a replay's attempts: {', '.join(tries)})" if tries else ""
+                raise UsageError(f"no iterations/{args.iteration}/timeline.jsonl under "
+                                 f"{path}{hint}")
         if not found:
             raise UsageError(f"no timeline.jsonl under {path}")
         if len(found) > 1 and args.iteration is None:

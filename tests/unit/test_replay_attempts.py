@@ -109,3 +109,14 @@ def test_every_attempt_needs_attempts(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--every-attempt needs --attempts N" in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_timeline_of_a_replay_names_its_attempts(tmp_path: Path) -> None:
+    for a in (1, 2):
+        d = tmp_path / "iterations" / f"4.{a}"
+        d.mkdir(parents=True)
+        (d / "timeline.jsonl").write_text("")
+    r = subprocess.run([sys.executable, "-m", "lab.cli", "timeline", str(tmp_path),
+                        "--iteration", "4"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "no iterations/4/timeline.jsonl" in r.stderr and "attempts: 4.1, 4.2" in r.stderr
