@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lab.errors import Interrupted
+from lab.report.console import PLAIN_WIDTH
 from lab.results import Status
 from lab.runner import ScenarioRunner, load_scenario
 from lab.scenario.overrides import Overrides
@@ -74,7 +75,7 @@ def main() -> int:
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     rows: list[dict[str, Any]] = []
-    out = Console(width=None if sys.stdout.isatty() else 140)   # CI logs: no folded cells
+    out = Console(width=None if sys.stdout.isatty() else PLAIN_WIDTH)   # CI logs: no folding
     with tempfile.TemporaryDirectory(prefix="rebalab-bench-race-") as tmp:
         runs = Path(tmp)
         for bug in args.bugs.split(","):

@@ -36,7 +36,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _console(stderr: bool = False):  # type: ignore[no-untyped-def]
     from rich.console import Console
-    return Console(stderr=stderr, highlight=False)
+
+    from lab.report.console import PLAIN_WIDTH
+    con = Console(stderr=stderr, highlight=False)
+    if not con.is_terminal:        # CI logs and pipes: don't fold the tables at 80 columns
+        con.width = PLAIN_WIDTH
+    return con
 
 
 def _progress_printer() -> Callable[[str], None]:
