@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 from lab import operations as ops
-from lab.errors import Interrupted
 from lab.image import GuestImage
 from lab.machine import Machine
 from lab.rundir import RunDir
-from lab.signals import graceful
+from lab.signals import run_interruptible
 from vdevice.presets import default_topology
 from vdevice.topology import Device, HotplugMode, Placement
 
@@ -99,10 +98,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # SIGTERM/SIGHUP unwind like Ctrl-C: QEMU stopped, the temporary run directory gone
-    with graceful():
-        try:
-            sys.exit(main())
-        except (KeyboardInterrupt, Interrupted) as exc:
-            print(f"benchmark interrupted: {exc or 'Ctrl-C'}", file=sys.stderr)
-            sys.exit(130)
+    sys.exit(run_interruptible(main, "benchmark"))

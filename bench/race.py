@@ -33,7 +33,7 @@ from lab.report.console import PLAIN_WIDTH
 from lab.results import Status
 from lab.runner import ScenarioRunner, load_scenario
 from lab.scenario.overrides import Overrides
-from lab.signals import graceful
+from lab.signals import run_interruptible
 
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "race-planted.yaml"
 BUGS = ("none", "no-drain", "slow-remove", "stale-bar")
@@ -128,10 +128,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # SIGTERM/SIGHUP unwind like Ctrl-C: QEMU stopped, the temporary run directory gone
-    with graceful():
-        try:
-            sys.exit(main())
-        except (KeyboardInterrupt, Interrupted) as exc:
-            print(f"benchmark interrupted: {exc or 'Ctrl-C'}", file=sys.stderr)
-            sys.exit(130)
+    sys.exit(run_interruptible(main, "benchmark"))

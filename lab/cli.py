@@ -331,12 +331,13 @@ def cmd_timeline(args: argparse.Namespace) -> int:
 
     path = Path(args.run_dir)
     if path.is_dir():
-        found = sorted(path.rglob("timeline.jsonl")) if not (path / "timeline.jsonl").exists() \
+        every = sorted(path.rglob("timeline.jsonl")) if not (path / "timeline.jsonl").exists() \
             else [path / "timeline.jsonl"]
+        found = every
         if args.iteration is not None:
-            found = [p for p in found if f"iterations/{args.iteration}/" in str(p)]
+            found = [p for p in every if f"iterations/{args.iteration}/" in str(p)]
             if not found:
-                tries = sorted({p.parent.name for p in path.rglob("timeline.jsonl")
+                tries = sorted({p.parent.name for p in every
                                 if p.parent.name.startswith(f"{args.iteration}.")})
                 hint = f" (a replay's attempts: {', '.join(tries)})" if tries else ""
                 raise UsageError(f"no iterations/{args.iteration}/timeline.jsonl under "

@@ -77,6 +77,17 @@ class StepTiming:
     detail: str = ""
 
 
+def result_key(index: int, attempt: int | None) -> int | str:
+    """What names a result in a run: the index, or ``"4.2"`` for attempt 2 of a replay
+    of iteration 4 (its directory is ``iterations/4.2``)."""
+    return index if attempt is None else f"{index}.{attempt}"
+
+
+def result_label(index: int, attempt: int | None) -> str:
+    """``#4`` or ``#4 attempt 2``, for people."""
+    return f"#{index}" + (f" attempt {attempt}" if attempt is not None else "")
+
+
 @dataclass(frozen=True)
 class IterationResult:
     index: int
@@ -93,14 +104,11 @@ class IterationResult:
 
     @property
     def key(self) -> int | str:
-        """What names this result in a run: the index, or ``"4.2"`` for attempt 2 of a
-        replay of iteration 4 (its directory is ``iterations/4.2``)."""
-        return self.index if self.attempt is None else f"{self.index}.{self.attempt}"
+        return result_key(self.index, self.attempt)
 
     @property
     def label(self) -> str:
-        """``#4`` or ``#4 attempt 2``, for people."""
-        return f"#{self.index}" + (f" attempt {self.attempt}" if self.attempt is not None else "")
+        return result_label(self.index, self.attempt)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -39,7 +39,8 @@ from lab.guest import GuestBoot, LinuxGuest
 from lab.image import GuestImage
 from lab.machine import Machine
 from lab.observe import Observation
-from lab.results import EventRef, IterationResult, Status, StepTiming, Violation
+from lab.results import (EventRef, IterationResult, Status, StepTiming, Violation,
+                         result_key)
 from lab.rules import check_all
 from lab.rules.base import Limits, RuleContext
 from lab.rundir import RunDir
@@ -305,7 +306,7 @@ class ScenarioRunner:
 
     # ---- one iteration -----------------------------------------------------------------
     def _iteration(self, it: Iteration, attempt: int | None = None) -> IterationResult:
-        key: int | str = it.index if attempt is None else f"{it.index}.{attempt}"
+        key = result_key(it.index, attempt)
         it_dir = self.run.path / "iterations" / str(key)
         it_dir.mkdir(parents=True, exist_ok=True)
         (it_dir / "parameters.json").write_text(json.dumps(

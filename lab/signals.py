@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 from lab.errors import Interrupted
@@ -32,3 +33,15 @@ def graceful() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def run_interruptible(main: Callable[[], int], what: str) -> int:
+    """``main()`` with SIGTERM/SIGHUP unwinding like Ctrl-C (QEMU stopped, temporary
+    directories gone); 130 with one line saying so when it was interrupted. For the
+    benchmark scripts; the CLI maps its errors itself."""
+    with graceful():
+        try:
+            return main()
+        except (KeyboardInterrupt, Interrupted) as exc:
+            print(f"{what} interrupted: {exc or 'Ctrl-C'}", file=sys.stderr)
+            return 130

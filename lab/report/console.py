@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lab.report.summary import Summary, fmt_params, fmt_rate, fmt_value, iteration_duration_s
-from lab.results import IterationResult, Status
+from lab.results import IterationResult, Status, result_label
 
 #: Width for non-terminal output: CI logs don't wrap, and 80 columns would break tables.
 PLAIN_WIDTH = 160
@@ -101,8 +101,7 @@ class RunConsole:
         """An iteration begins (``attempt``: which try of a replay with several)."""
         self.current = index
         self.parameters = dict(parameters)
-        label = f"#{index}" + (f" attempt {attempt}" if attempt is not None else "") + \
-            (f" {fmt_params(parameters)}" if parameters else "")
+        label = result_label(index, attempt) + (f" {fmt_params(parameters)}" if parameters else "")
         if self.plain:
             self._line(f"[{self.done + 1:>{len(str(self.total))}}/{self.total}] {label} ...")
         elif self._progress is not None and self._task is not None:
