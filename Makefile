@@ -4,13 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup image demo test test-unit test-e2e bench bench-race clean
+.PHONY: help setup image demo test test-unit test-e2e bench bench-race bench-logs clean
 
 help:
 	@echo "make demo   - set up (apt packages, venv, guest image) and run the default hot-plug cycle"
 	@echo "make test   - set up and run the whole test suite (unit + end-to-end under QEMU)"
 	@echo "make bench  - run the hot-plug benchmark and print figures"
 	@echo "make bench-race - run the race-hunt benchmark (race-planted sweep per planted bug)"
+	@echo "make bench-logs - read 100 MB logs with every inspect parser (speed, memory)"
 	@echo "make image  - (re)build the built-in Linux guest image if its inputs changed"
 
 setup:
@@ -35,6 +36,9 @@ bench: setup
 
 bench-race: setup
 	$(PY) bench/race.py
+
+bench-logs: setup
+	$(PY) bench/logs.py
 
 clean:
 	rm -rf runs .pytest_cache

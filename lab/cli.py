@@ -359,6 +359,103 @@ def cmd_timeline(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _split_list(values: Sequence[str] | None) -> list[str]:
+    return [x.strip() for v in values or () for x in v.split(",") if x.strip()]
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Logs from real machines: parse, merge, judge, report (lab.inspect)."""
+    from lab import inspect as insp_mod
+    from lab.timeline import rows
+
+    if args.format == "list":
+        from lab import logs
+        for name, parser in logs.parsers().items():
+            print(f"{name:14} {parser.description}")
+        return EXIT_OK
+    rules = _split_list(args.rules) or None
+    limits: dict[str, str] = {}
+    for item in args.limit or ():
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise UsageError(f"--limit {item!r}: expected NAME=MS (e.g. query_stop_max_ms=50)")
+        try:
+            if not 0 < float(v) < 1e9:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--limit {k}: {v!r} is not a positive number of ms") from None
+        limits[k.strip()] = v
+    if args.max_events < 0:
+        raise UsageError("--max-events must be >= 0")
+    paths = [Path(f) for f in args.files]
+    if len(paths) == 1 and insp_mod.is_run_dir(paths[0]):
+        if args.device or args.format != "auto" or args.report:
+            raise UsageError("a run directory is re-checked as the run recorded it: "
+                             "--device, --format and --report apply to log files")
+        return _inspect_run(paths[0], rules, args.json)
+    for p in paths:
+        if p.is_dir():
+            raise UsageError(f"{p}: a directory (inspect takes log files, or one run "
+                             "directory with a summary.json)")
+    devices = [insp_mod.DeviceSpec.parse(d) for d in args.device or ()]
+    result = insp_mod.inspect_files(paths, fmt=args.format, devices=devices, rules=rules,
+                                    limits={k: float(v) for k, v in limits.items()})
+    if args.report:
+        out = insp_mod.write_reports(result, args.report)
+    if args.json:
+        doc = result.to_json()
+        if args.report:
+            doc["report"] = str(out)
+        print(json.dumps(doc, indent=2, default=str))
+        return result.exit_code
+    con = _console()
+    for line in insp_mod.render_files(result.files):
+        con.print(line, markup=False)
+    body = rows(result.timeline, width=110)
+    pairs = list(zip(body, result.timeline))
+    significant = [p for p in pairs if not (p[1].kind.value == "kernel-log" and p[1].device is None)]
+    shown = pairs if len(pairs) <= args.max_events else significant[:args.max_events]
+    con.print(f"\n# {len(shown)} of {len(pairs)} events"
+              + ("" if len(shown) == len(pairs) else
+                 " (plain log lines and the rest left out: --max-events N, or --report DIR)"),
+              markup=False)
+    clocks = {f.tally.path: f.tally.clock for f in result.files}
+    for r, ev in shown:
+        when = insp_mod.event_time(ev, clocks)
+        con.print("  ".join((r[0].rjust(6), when, r[3], r[4], r[5], r[6], r[7])), markup=False)
+    con.print("", markup=False)
+    for line in insp_mod.render_verdicts(result):
+        con.print(line, markup=False)
+    if args.report:
+        con.print(f"report: {out / 'report.html'}", markup=False)
+    return result.exit_code
+
+
+def _inspect_run(run_dir: Path, rules: list[str] | None, as_json: bool) -> int:
+    from lab import inspect as insp_mod
+
+    checks = insp_mod.inspect_run(run_dir, rules=rules)
+    failed = any(c.recorded or c.rechecked for c in checks)
+    if as_json:
+        print(json.dumps({"run": str(run_dir), "iterations": [c.to_json() for c in checks],
+                          "reproduced": all(c.reproduced for c in checks)}, indent=2))
+        return EXIT_FAIL if failed else EXIT_OK
+    con = _console()
+    for c in checks:
+        state = "same verdict" if c.reproduced else "DIFFERENT verdict"
+        con.print(f"iteration {c.key}: recorded {len(c.recorded)} violation(s), re-checked "
+                  f"{len(c.rechecked)} from the timeline: {state}"
+                  + (f" ({c.note})" if c.note else ""), markup=False)
+        for v in c.rechecked:
+            con.print(f"    {v.signature}: {v.message}", markup=False)
+        for v in c.from_steps:
+            con.print(f"    (found by the run's steps) {v.signature}: {v.message}", markup=False)
+    if not all(c.reproduced for c in checks):
+        con.print("the re-check differs from the recorded verdict: the rules changed since "
+                  "the run, or the run's files were edited", markup=False)
+    return EXIT_FAIL if failed else EXIT_OK
+
+
 def cmd_image_linux(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -480,6 +577,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_timeline)
 
     from lab.windows.cli import add_collect_dump_parser, add_windows_image_parser
+
+    ins = sub.add_parser(
+        "inspect", help="read logs from real machines (setupapi.dev.log, Kernel-PnP events, "
+        "pnputil, dmesg, the lab's own files) and judge them with the PnP rules",
+        description="Exit 0: no violation; 1: violations; 2: unreadable input.")
+    ins.add_argument("files", nargs="+", metavar="FILE",
+                     help="log files (formats detected), or one run directory")
+    ins.add_argument("--format", default="auto", metavar="NAME",
+                     help="the format of every FILE (default: detected per file); "
+                          "`--format list` lists them")
+    ins.add_argument("--device", action="append", metavar="NAME=IDENTITY",
+                     help="a device to judge, by PCI address, instance id or instance-id glob "
+                          "(repeatable); default: every device with evidence")
+    ins.add_argument("--rules", action="append", metavar="IDS",
+                     help="rule families, check ids or globs (comma-separated; default: all)")
+    ins.add_argument("--limit", action="append", metavar="NAME=MS",
+                     help="a timing limit, e.g. query_stop_max_ms=50")
+    ins.add_argument("--json", action="store_true", help="print one JSON document")
+    ins.add_argument("--report", metavar="DIR",
+                     help="write timeline.jsonl, summary.json, junit.xml, report.html there")
+    ins.add_argument("--max-events", type=int, default=400, metavar="N",
+                     help="events printed at most (default 400)")
+    ins.set_defaults(func=cmd_inspect)
 
     img = sub.add_parser("image", help="build guest images (the built-in Linux one, or Windows "
                          "from your ISO)")

@@ -78,6 +78,11 @@ class Kind(str, Enum):
     REBALANCE_START = "rebalance-start"
     REBALANCE_END = "rebalance-end"
     SETUPAPI_SECTION = "setupapi-section"
+    DEVICE_STATE = "device-state"            # a device's state as a tool printed it (pnputil, Get-PnpDevice)
+    # PCI resources as the guest kernel (Linux) reports them
+    RESOURCE_UNASSIGNED = "resource-unassigned"  # a BAR or bridge window could not be assigned
+    RESOURCE_RELEASED = "resource-released"
+    SLOT_EVENT = "slot-event"                # PCIe hot-plug slot: card present, link up/down, button
     # audio
     AUDIO_GAP = "audio-gap"
     AUDIO_DISCONTINUITY = "audio-discontinuity"

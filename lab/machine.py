@@ -38,6 +38,7 @@ from lab.errors import ConfigError, LabError, QemuError
 from lab.events import DeviceId, Event, Kind, Source
 from lab.guest import BootFiles, GuestBoot, GuestPanicked, LinuxGuest
 from lab.image import GuestImage
+from lab.logs.qmp import event_from_qmp
 from lab.qemu_process import QemuProcess
 from lab.qmp import QmpSession
 from lab.rundir import RunDir
@@ -307,13 +308,7 @@ class Machine:
         if name == "GUEST_PANICKED":
             self._on_panic(ev)
             return
-        kind = {"DEVICE_DELETED": Kind.DEVICE_DELETED,
-                "STOP": Kind.PAUSE, "RESUME": Kind.RESUME}.get(name, Kind.QMP_EVENT)
-        data = ev.get("data") or {}
-        dev = data.get("device") if isinstance(data, dict) else None
-        self.run.record(Event(int(ev["t_host_ns"]), Source.HOST_QMP, kind,
-                              DeviceId(qom=dev) if dev else None,
-                              data={"event": name, **({"data": data} if data else {})}))
+        self.run.record(event_from_qmp(ev, int(ev["t_host_ns"])))
 
     def _on_panic(self, ev: dict[str, Any]) -> None:
         """GUEST_PANICKED: record it for the ``bugcheck`` check and end waits on the guest.

@@ -55,6 +55,8 @@ from vdevice.topology import Device, HotplugMode, Placement, Topology
 DEFAULT_WAIT_S = 20.0
 GUEST_RULES_LINUX = ("linux-driver", "kernel-oops", "bugcheck")
 GUEST_RULES_WINDOWS = ("windows-pnp", "bugcheck")
+#: per iteration: the rules the run applied and their context (see lab.inspect)
+RULES_FILE = "rules.json"
 
 
 class StepFailed(Exception):
@@ -350,7 +352,7 @@ class ScenarioRunner:
             if tl.bound_ns is not None:
                 self._bounds[key] = tl.bound_ns
             if status in (Status.PASSED, Status.FAILED):
-                found = self._final_rules(tl)
+                found = self._final_rules(tl, it_dir)
                 seen = {(v.rule, v.device, v.message) for v in violations}
                 violations += [v for v in found if (v.rule, v.device, v.message) not in seen]
                 if violations and status == Status.PASSED:
@@ -378,10 +380,17 @@ class ScenarioRunner:
                                error=error, stopped_at=stopped_at if status != Status.PASSED
                                else None, attempt=attempt)
 
-    def _final_rules(self, tl: Timeline) -> list[Violation]:
+    def _final_rules(self, tl: Timeline, it_dir: Path | None = None) -> list[Violation]:
         default = GUEST_RULES_LINUX if self.guest.os == "linux" else GUEST_RULES_WINDOWS
         ids = list(self.scenario.rules) if self.scenario.rules else list(default)
-        return check_all(tl, self._context(tl), ids)
+        ctx = self._context(tl)
+        if it_dir is not None:
+            # the selection and context beside the timeline: `rebalab inspect RUN_DIR`
+            # re-checks the iteration from these two files alone
+            (it_dir / RULES_FILE).write_text(json.dumps(
+                {"rules": ids, "context": ctx.recorded()}, indent=2, sort_keys=True) + "\n",
+                encoding="utf-8")
+        return check_all(tl, ctx, ids)
 
     def _context(self, tl: Timeline) -> RuleContext:
         devices = tuple(DeviceId(qom=d.id) for d in self.topology.devices)

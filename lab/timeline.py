@@ -507,7 +507,7 @@ ROW_COLUMNS: tuple[str, ...] = ("seq", "t_ms", "time", "source", "device", "kind
 
 _DETAIL_KEYS = ("name", "phase", "func", "function", "irp", "callback", "status", "ret",
                 "code", "problem", "resources", "event", "trace", "action", "cause",
-                "frames", "jump", "ms")
+                "frames", "jump", "ms", "title", "exit_status", "inf")
 _TEXT_KEYS = ("message", "line", "text", "msg")
 _SKIP_KEYS = {RECV_KEY, "raw", "lines", "pid", "tid", "cpu", "qemu_name", "args"}
 
@@ -520,7 +520,7 @@ def summarize(ev: Event, width: int = 96) -> str:
         size = d.get("size")
         parts.append(f"bar{d.get('bar', '')}={d['addr']:#x}"
                      + (f"+{size:#x}" if isinstance(size, int) else ""))
-    text = next((str(d[k]).strip() for k in _TEXT_KEYS if d.get(k)), None)
+    text = next((d[k].strip() for k in _TEXT_KEYS if isinstance(d.get(k), str) and d[k]), None)
     if not parts and text is None:
         parts = [f"{k}={_short(v)}" for k, v in d.items()
                  if k not in _SKIP_KEYS and k not in ("addr", "size", "bar")][:3]

@@ -103,6 +103,37 @@ class RuleContext:
         kw.setdefault("alignment_bound_ns", timeline.alignment.bound_ns)
         return cls(**kw)
 
+    def recorded(self) -> dict[str, Any]:
+        """What a re-check needs beyond the timeline (phases, completeness and the clock
+        bound come from the timeline itself): written next to each iteration's timeline
+        so ``rebalab inspect RUN_DIR`` judges it exactly as the run did."""
+        return {"devices": [{k: v for k, v in (("qom", d.qom), ("bdf", d.bdf),
+                                               ("instance", d.instance)) if v}
+                            for d in self.devices],
+                "drivers": dict(self.drivers),
+                "limits": {k: getattr(self.limits, k) for k in Limits.__dataclass_fields__},
+                "bound_at_start": (sorted(self.bound_at_start)
+                                   if self.bound_at_start is not None else None),
+                "allowed_problem_codes": sorted(self.allowed_problem_codes),
+                "disabled": sorted(self.disabled)}
+
+    @classmethod
+    def from_recorded(cls, timeline: Timeline, d: Mapping[str, Any]) -> RuleContext:
+        """The inverse of ``recorded`` (a ``ConfigError`` names a malformed field)."""
+        try:
+            devices = tuple(DeviceId(qom=x.get("qom"), bdf=x.get("bdf"), instance=x.get("instance"))
+                            for x in d.get("devices") or ())
+            bas = d.get("bound_at_start")
+            return cls.from_timeline(
+                timeline, devices=devices,
+                drivers={str(k): str(v) for k, v in (d.get("drivers") or {}).items()},
+                limits=Limits.from_mapping(d.get("limits")),
+                bound_at_start=frozenset(str(x) for x in bas) if bas is not None else None,
+                allowed_problem_codes=frozenset(int(x) for x in d.get("allowed_problem_codes") or ()),
+                disabled=frozenset(str(x) for x in d.get("disabled") or ()))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"recorded rule context is malformed ({type(exc).__name__})") from None
+
     def phase_at(self, t_ns: int) -> str:
         """The innermost phase containing ``t_ns``; ``after:<op>`` past the last one
         that ended before it; ``setup`` before any."""
@@ -248,6 +279,12 @@ def _selection(rule_ids: Iterable[str] | None) -> tuple[list[Rule], set[str] | N
         if hit:
             chosen.append(r)
     return chosen, wanted
+
+
+def selected_checks(rule_ids: Iterable[str]) -> set[str]:
+    """The check ids a selection (family ids, check ids, globs) stands for."""
+    _, wanted = _selection(rule_ids)
+    return wanted or set()
 
 
 def check_all(timeline: Timeline, context: RuleContext,

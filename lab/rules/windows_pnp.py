@@ -321,6 +321,8 @@ class WindowsPnpRule:
         "pnp.query-stop-slow": "QUERY_STOP handler exceeded query_stop_max_ms",
         "pnp.cancel-stop-slow": "CANCEL_STOP handler exceeded cancel_stop_max_ms",
         "pnp.problem-at-end": "the device ended the run with a problem code",
+        "pnp.driver-load-failed": "a driver of the device's stack failed to load "
+                                  "(Kernel-PnP event 219)",
         "pnp.unexpected-irp": "an IRP the PnP state machine does not allow in the current state",
     }
 
@@ -363,6 +365,14 @@ class WindowsPnpRule:
                     f"{lim.cancel_stop_max_ms:g} ms); PortCls holds the device global lock "
                     "during PnpCancelStop.",
                     [ev], duration_ns=ev.duration_ns, limit_ms=lim.cancel_stop_max_ms))
+            if ev.kind == Kind.PROBLEM and ev.data.get("name") == "DriverLoadFailed":
+                # Kernel-PnP 219: the device's driver (or a filter) was not loaded at all
+                out.append(violation(
+                    "pnp.driver-load-failed", label, ctx.phase_at(ev.t_host_ns),
+                    f"the driver {ev.data.get('driver') or '?'} failed to load for the device"
+                    + (f" (status {ev.data['status']})" if ev.data.get("status") else ""),
+                    [ev], driver=ev.data.get("driver"), status=ev.data.get("status")))
+                continue
             if ev.kind == Kind.PROBLEM:
                 code = problem_code(ev)
                 dev.problem = ev if code else None

@@ -6,45 +6,70 @@ time and the host's receive time, so it is both a trace and clock evidence.
 ``rebalab-uevent`` lines are written to /dev/kmsg by the image's hot-plug helper for
 PCI and sound uevents (bind, unbind, add, remove), which makes driver-model
 transitions visible with kernel timestamps.
+
+Each line is split and classified by ``lab.logs.kernel`` (``split_line``,
+``classify_message``), the same code ``rebalab inspect`` runs on a pasted ``dmesg``, so a
+message means the same event in a lab run and in a log from a real machine (PCI resource
+assignment, pciehp slot events, probe failures, oopses, the lab's uevents).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from lab.clock import SYNC_RE, parse_printk
-from lab.events import DeviceId, Event, Kind, Source
+from lab.events import Event
+from lab.logs.kernel import OOPS_RE, UEVENT_PREFIX, RECORD, BLANK, classify_message, split_line
 
-UEVENT_PREFIX = "rebalab-uevent "
-_KV_RE = re.compile(r"(\w+)=(\S*)")
-_BDF_RE = re.compile(r"\b([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])\b")
-OOPS_RE = re.compile(r"(Oops|BUG:|WARNING:|general protection fault|Unable to handle kernel|"
-                     r"kernel NULL pointer dereference|Kernel panic|Call Trace:)")
+__all__ = ["OOPS_RE", "UEVENT_PREFIX", "ConsoleStats", "events_from_console"]
 
 
-def events_from_console(lines: Iterable[tuple[int, str]]) -> list[Event]:
-    """(host receive ns, console line) -> KERNEL_LOG / UEVENT events (guest-clocked)."""
+@dataclass
+class ConsoleStats:
+    """What ``events_from_console`` did with the lines it was given.
+
+    ``unstamped`` counts non-blank lines without a printk stamp (userspace writing to the
+    console, login prompts, a line the UART cut): they are not guest kernel events, and a
+    large count means the console carried something else than the kernel log.
+    """
+
+    lines: int = 0
+    events: int = 0
+    unstamped: int = 0
+    blank: int = 0
+    sync: int = 0            # rebalab-sync lines: clock evidence (lab.clock), not events
+
+
+def events_from_console(lines: Iterable[tuple[int, str]],
+                        stats: ConsoleStats | None = None) -> list[Event]:
+    """(host receive ns, console line) -> guest events; ``t_host_ns`` is the receive time,
+    ``t_guest_ns`` the printk time, ``data["h_recv_ns"]`` the receive time again.
+
+    Only lines with a boot-relative (printk) stamp become events; the others are counted
+    in ``stats`` when one is given.
+    """
+    st = stats if stats is not None else ConsoleStats()
     out: list[Event] = []
     for h_recv, text in lines:
-        parsed = parse_printk(text)
-        if parsed is None:
+        st.lines += 1
+        parts = split_line(text)
+        if parts.form == BLANK:
+            st.blank += 1
             continue
-        g_ns, msg = parsed
-        if SYNC_RE.search(msg):
-            continue   # clock evidence, not a guest event
-        if msg.startswith(UEVENT_PREFIX):
-            kv = dict(_KV_RE.findall(msg[len(UEVENT_PREFIX):]))
-            path = kv.get("DEVPATH", "")
-            bdf = next(iter(_BDF_RE.findall(path.rsplit("/", 1)[-1])), None) \
-                if kv.get("SUBSYSTEM") == "pci" else None
-            out.append(Event(h_recv, Source.GUEST_UEVENT, Kind.UEVENT,
-                             DeviceId(bdf=bdf) if bdf else None,
-                             data={"action": kv.get("ACTION"), **kv, "h_recv_ns": h_recv},
-                             t_guest_ns=g_ns))
+        if parts.form != RECORD or parts.boot_ns is None:
+            st.unstamped += 1
             continue
-        m = _BDF_RE.search(msg)
-        kind = Kind.KERNEL_OOPS if OOPS_RE.search(msg) else Kind.KERNEL_LOG
-        out.append(Event(h_recv, Source.GUEST_KERNEL, kind, DeviceId(bdf=m[1]) if m else None,
-                         data={"text": msg, "h_recv_ns": h_recv}, t_guest_ns=g_ns))
+        info = classify_message(parts.text)
+        if info is None:
+            st.sync += 1
+            continue
+        data = dict(info.data)
+        if parts.level is not None:
+            data["level"] = parts.level
+        if parts.caller is not None:
+            data["caller"] = parts.caller
+        data["h_recv_ns"] = h_recv
+        out.append(Event(h_recv, info.source, info.kind, info.device, data=data,
+                         t_guest_ns=parts.boot_ns))
+    st.events += len(out)
     return out

@@ -78,6 +78,25 @@ def test_planted_bug_is_found_per_delay_and_replays(bug: str, image: GuestImage,
         oops = next(v for v in s["iterations"][k0]["violations"] if v["rule"] == "kernel.oops")
         assert "unable to handle page fault" in oops["message"]
 
+    # the verdict follows from the run's files: `inspect RUN_DIR` re-checks every
+    # iteration's timeline with the rules and context the run recorded. The final rules'
+    # findings come back; a guest check's (stale-bar) is the run's own step, named so.
+    ri = rebalab("inspect", str(run), "--json")
+    assert ri.returncode == 1, ri.stdout[-2000:] + ri.stderr[-1000:]
+    doc = json.loads(ri.stdout)
+    assert doc["reproduced"] is True, doc
+    rechecked = {sig for c in doc["iterations"] for sig in c["rechecked"]}
+    from_steps = {sig for c in doc["iterations"] for sig in c["from_steps"]}
+    assert want in (from_steps if bug == "stale-bar" else rechecked), doc
+    if bug == "no-drain":
+        # one file of the run on its own: the guest console as `inspect` reads any log
+        k0 = sigs[want]["iterations"][0]
+        rc = rebalab("inspect", str(run / "iterations" / str(k0) / "vm" / "console.log"), "--json")
+        assert rc.returncode == 1, rc.stdout[-2000:] + rc.stderr[-1000:]
+        cdoc = json.loads(rc.stdout)
+        assert cdoc["files"][0]["format"] == "lab-console"
+        assert any(v["rule"] == "kernel.oops" for v in cdoc["violations"]), cdoc["violations"]
+
     # replay a failing iteration: same parameters and seed, same signature. For the race,
     # the one nearest the middle of the failing delays (the most reproducible timing);
     # the guest's scheduling is not replayed, so a race gets several attempts and the

@@ -49,6 +49,13 @@ def test_shipped_scenario_runs_and_reports(name: str, image: GuestImage, tmp_pat
     # every iteration has its aligned timeline
     for x in results:
         assert (run / "iterations" / str(x["index"]) / "timeline.jsonl").exists()
+    # and its verdict follows from the recorded files alone: `inspect` re-checks it
+    ri = rebalab("inspect", str(run), "--json")
+    assert ri.returncode == 0, ri.stdout[-2000:] + ri.stderr[-1000:]
+    doc = json.loads(ri.stdout)
+    assert doc["reproduced"] is True
+    assert [c["iteration"] for c in doc["iterations"]] == [str(x["index"]) for x in results]
+    assert all(c["rules"] and not c["rechecked"] and not c["note"] for c in doc["iterations"])
 
 
 def test_sweep_reports_per_delay_and_replays_an_iteration(image: GuestImage, tmp_path: Path) -> None:

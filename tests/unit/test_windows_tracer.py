@@ -120,7 +120,7 @@ def test_start_stop_cycle(tmp_path: Path) -> None:
     by_source: dict[Source, int] = {}
     for e in events:
         by_source[e.source] = by_source.get(e.source, 0) + 1
-    assert by_source == {Source.GUEST_ETW: 12, Source.GUEST_PNP: 4, Source.GUEST_SETUPAPI: 7, Source.GUEST_WPP: 6}
+    assert by_source == {Source.GUEST_ETW: 12, Source.GUEST_PNP: 4, Source.GUEST_SETUPAPI: 8, Source.GUEST_WPP: 6}
     # the exact commands sent are the planned ones (with the recorded setupapi offset)
     sent_labels = len(guest.scripts)
     assert sent_labels == len(tracer.start_scripts()) + len(tracer.stop_scripts(0))

@@ -23,9 +23,31 @@ not by public documentation. The table below is therefore *data*: ``EventMap.loa
 reads an override (JSON), and ``MANIFEST_CHECK`` (``wevtutil gp
 Microsoft-Windows-Kernel-PnP /ge /gm:true``) prints the manifest of the guest at hand;
 ``manifest_event_ids`` reads its output so a run can record which table IDs the guest
-actually defines. IDs 400/410/411/420/430 and their field ``DeviceInstanceId`` match
-published dumps of the manifest; 803-806 and 850-853 are from the lab's brief and are
-marked ``verified: False`` until a guest's manifest confirms them.
+actually defines.
+
+Where the table comes from (``verified=True`` means: the ID *and* the field names used
+here are in a published dump of the manifest):
+
+* Manifest dumps (TDH, the PerfView method) of Windows 7 7600, Windows 10 10240, 17134
+  and 18990: github.com/repnz/etw-providers-docs, ``Manifests-Win*/Microsoft-Windows-
+  Kernel-PnP.xml``. They give every event's template (field names, in payload order),
+  e.g. 219 ``DriverLoad`` = DeviceStartStopArgs (DriverNameLength, DriverName, Status,
+  FailureNameLength, FailureName, Version); 410/411/412 = DeviceInstanceId, DriverName,
+  ClassGuid, ServiceName, LowerFilters, UpperFilters, Problem, Status; 803-806 = Phase,
+  Device; 830-832 and 850/851 = Device; 852 = DeviceInstance; 853 = DeviceInstance,
+  Status. 400-442 and 700-853 exist from Windows 10 on (not in the Windows 7 dump);
+  442 appears from 17134.
+* The message strings say which field is what (the dumps carry no messages):
+  microsoft-windows-kernel-pnp-events.dll message tables, 6.2.9200 to 10.0.22000
+  (github.com/libyal/winevt-kb, docs/sources/message-files/MessageFile-microsoft-windows-
+  kernel-pnp-events.dll.md), e.g. 219 "The driver %5 failed to load for the device %2"
+  (so DriverName holds the *device* and FailureName the driver), 850 "Begin assigning
+  resources to device tree below %1", 852 "Begin rebalancing resources for device %2",
+  803 "Begin processing phase %1 of starting device %2". The same message table of
+  10.0.22000 (Windows 11) adds 1000 "Device %1 could not be query removed as the
+  removal was vetoed", 1010/1011 "Device %1 has been surprise removed ..." and 1020/1021
+  (rebalance succeeded/failed); no manifest dump of that build was found, so those rows
+  stay ``verified=False`` (their device is found by its shape, see ``looks_like_instance_id``).
 
 Never parsed: the event message. It is localised text; it is only fetched when asked
 (``include_message``) and stored as an opaque extra.
@@ -244,53 +266,177 @@ def manifest_event_ids(wevtutil_output: str) -> set[int]:
 
 # --------------------------------------------------------------- the event table
 
+#: manifest dumps the ``verified`` rows were checked against (see the module docstring)
+MANIFEST_SOURCE = ("github.com/repnz/etw-providers-docs Manifests-Win7-7600, -Win10-10240, "
+                   "-Win10-17134, -Win10-18990 /Microsoft-Windows-Kernel-PnP.xml")
+
+
 @dataclass(frozen=True)
 class EventRule:
-    """How one Kernel-PnP event ID becomes an Event."""
+    """How one Kernel-PnP event ID becomes an Event.
+
+    ``root``: the event names the root of a device *subtree* (rebalance, resource
+    assignment), not a device the rules should track: its instance goes to
+    ``data[root]`` and the Event has no ``device``. ``ok``: a fixed outcome (a veto *is*
+    a failed query-remove; the event carries no NTSTATUS saying so) set as
+    ``data['ok']``. ``fields``: payload field -> data key, copied when present.
+    """
 
     kind: Kind
     name: str
     phase: str = "point"        # "begin" | "end" | "point"
     verified: bool = False      # True when confirmed against a published manifest dump
+    root: str | None = None
+    ok: bool | None = None
+    fields: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "name": self.name, "phase": self.phase, "verified": self.verified}
+        out: dict[str, Any] = {"kind": self.kind.value, "name": self.name, "phase": self.phase,
+                               "verified": self.verified}
+        if self.root is not None:
+            out["root"] = self.root
+        if self.ok is not None:
+            out["ok"] = self.ok
+        if self.fields:
+            out["fields"] = dict(self.fields)
+        return out
 
 
+_R = EventRule
 DEFAULT_EVENT_TABLE: dict[int, EventRule] = {
-    400: EventRule(Kind.KERNEL_LOG, "DeviceConfigured", "point", True),
-    410: EventRule(Kind.START, "DeviceStarted", "point", True),
-    411: EventRule(Kind.PROBLEM, "DeviceProblemStarting", "point", True),
-    420: EventRule(Kind.REMOVE, "DeviceDeleted", "point", True),
-    430: EventRule(Kind.KERNEL_LOG, "DeviceRequiresFurtherInstallation", "point", True),
-    803: EventRule(Kind.START, "ProcessDeviceStart", "begin"),
-    804: EventRule(Kind.START, "ProcessDeviceStart", "end"),
-    805: EventRule(Kind.START, "ProcessDeviceRestart", "begin"),
-    806: EventRule(Kind.START, "ProcessDeviceRestart", "end"),
-    850: EventRule(Kind.RESOURCES_ASSIGNED, "AssignResources", "begin"),
-    851: EventRule(Kind.RESOURCES_ASSIGNED, "AssignResources", "end"),
-    852: EventRule(Kind.REBALANCE_START, "Rebalance", "begin"),
-    853: EventRule(Kind.REBALANCE_END, "Rebalance", "end"),
+    # System channel. 219 "The driver %5 failed to load for the device %2": DriverName
+    # (%2) is the device instance, FailureName (%5) the driver, Status an NTSTATUS
+    # (UInt32). No problem code in the payload, so the event carries none.
+    219: _R(Kind.PROBLEM, "DriverLoadFailed", verified=True, fields=(("FailureName", "driver"),)),
+    # 223/224 "Begin/End attempting to eject device %2[. Status: %3]" (DriverName = device)
+    223: _R(Kind.KERNEL_LOG, "DeviceEject", "begin", True),
+    224: _R(Kind.KERNEL_LOG, "DeviceEject", "end", True),
+    # 225 "The application %3 with process id %1 stopped the removal or ejection for the
+    # device %5": a vetoed query-remove (DeviceEjectArgs: ProcessId, ProcessName, DeviceInstance)
+    225: _R(Kind.QUERY_REMOVE, "RemovalVetoed", verified=True, ok=False,
+            fields=(("ProcessName", "process"), ("ProcessId", "process_id"))),
+    # Configuration channel (Windows 10+)
+    400: _R(Kind.KERNEL_LOG, "DeviceConfigured", verified=True),
+    410: _R(Kind.START, "DeviceStarted", verified=True),
+    411: _R(Kind.PROBLEM, "DeviceProblemStarting", verified=True),
+    420: _R(Kind.REMOVE, "DeviceDeleted", verified=True),
+    # 421 "Device %1 could not be deleted" (Problem, Status): an uninstall that failed,
+    # not an IRP the driver failed; kept as a log line (its code/status are copied)
+    421: _R(Kind.KERNEL_LOG, "DeviceDeleteFailed", verified=True),
+    430: _R(Kind.KERNEL_LOG, "DeviceRequiresFurtherInstallation", verified=True),
+    # 440-442: settings migrated (or not) from a previous OS installation
+    440: _R(Kind.KERNEL_LOG, "DeviceMigrated", verified=True),
+    441: _R(Kind.KERNEL_LOG, "DeviceMigrationFailed", verified=True),
+    442: _R(Kind.KERNEL_LOG, "DeviceNotMigrated", verified=True),
+    # user-mode CM_Query_And_Remove_SubTree (CfgMgr_QueryRemoveStart: QueryRemoveType,
+    # Device; ...Stop: Device, no status: the outcome is not in the event)
+    704: _R(Kind.KERNEL_LOG, "CfgMgrQueryRemove", "begin", True),
+    705: _R(Kind.KERNEL_LOG, "CfgMgrQueryRemove", "end", True),
+    # 803-806 "Begin/End processing phase %1 of (re)starting device %2": one pair per
+    # phase, no status. The end of a phase is not a successful IRP_MN_START_DEVICE, so
+    # these are spans, not START (a START without status counts as success in the rules,
+    # and would stand in for the PortCls restart callbacks).
+    803: _R(Kind.KERNEL_LOG, "ProcessDeviceStart", "begin", True),
+    804: _R(Kind.KERNEL_LOG, "ProcessDeviceStart", "end", True),
+    805: _R(Kind.KERNEL_LOG, "ProcessDeviceRestart", "begin", True),
+    806: _R(Kind.KERNEL_LOG, "ProcessDeviceRestart", "end", True),
+    # 830-832 "Removal of %1 has been queued" / "Begin/End removal of %1": the removal
+    # action; whether it removed anything (or was vetoed) is not in the event
+    830: _R(Kind.KERNEL_LOG, "DeviceRemovalQueued", verified=True),
+    831: _R(Kind.KERNEL_LOG, "DeviceRemoval", "begin", True),
+    832: _R(Kind.KERNEL_LOG, "DeviceRemoval", "end", True),
+    # 840/841 "Begin/End resetting device %2 [with status %3, veto type %4, veto name %6]"
+    840: _R(Kind.KERNEL_LOG, "DeviceReset", "begin", True),
+    841: _R(Kind.KERNEL_LOG, "DeviceReset", "end", True,
+            fields=(("VetoType", "veto_type"), ("VetoName", "veto"))),
+    # 850/851 "Begin/End assigning resources to device tree below %1" and 852/853
+    # "Begin/End rebalancing resources for device %2": the instance is a subtree root
+    850: _R(Kind.RESOURCES_ASSIGNED, "AssignResources", "begin", True, root="assign_root"),
+    851: _R(Kind.RESOURCES_ASSIGNED, "AssignResources", "end", True, root="assign_root"),
+    852: _R(Kind.REBALANCE_START, "Rebalance", "begin", True, root="rebalance_root"),
+    853: _R(Kind.REBALANCE_END, "Rebalance", "end", True, root="rebalance_root"),
+    # Windows 11 (Device Management channel; message table 10.0.22000, no manifest dump)
+    1000: _R(Kind.QUERY_REMOVE, "QueryRemoveVetoed", ok=False),
+    1010: _R(Kind.SURPRISE_REMOVAL, "SurpriseRemovedMissing"),
+    1011: _R(Kind.SURPRISE_REMOVAL, "SurpriseRemovedFailing"),
+    1020: _R(Kind.KERNEL_LOG, "RebalanceSucceeded"),
+    1021: _R(Kind.KERNEL_LOG, "RebalanceFailed"),
 }
+del _R
+
+#: payload field names in payload order, per event ID, from the manifest dumps (several
+#: when builds differ). Used only to name the positional ``Properties`` of a record that
+#: has no field names (``Get-WinEvent | ConvertTo-Json``), and only on an exact count.
+TEMPLATES: dict[int, tuple[tuple[str, ...], ...]] = {}
+_DEVICE_START_STOP = ("DriverNameLength", "DriverName", "Status", "FailureNameLength", "FailureName",
+                      "Version")
+_T400_10240 = ("DeviceInstanceId", "DriverName", "ClassGuid", "DriverDate", "DriverVersion",
+               "DriverProvider", "DriverInbox", "DriverSection", "DriverRank", "MatchingDeviceId",
+               "OutrankedDrivers", "DeviceUpdated", "Status")
+_T410 = ("DeviceInstanceId", "DriverName", "ClassGuid", "ServiceName", "LowerFilters", "UpperFilters",
+         "Problem", "Status")
+_T420 = ("DeviceInstanceId", "ClassGuid", "Problem", "Status")
+_T440 = ("DeviceInstanceId", "LastDeviceInstanceId", "ClassGuid", "LocationPath", "MigrationRank",
+         "Present", "Status")
+for _ids, _tpls in (
+        ((219, 224), (_DEVICE_START_STOP,)),
+        ((223,), (("DriverNameLength", "DriverName"),)),
+        ((225,), (("ProcessId", "ProcessNameLength", "ProcessName", "DeviceInstanceLength",
+                   "DeviceInstance"),)),
+        ((400, 401, 402, 403), (_T400_10240, _T400_10240 + ("ParentDeviceInstanceId",))),
+        ((410, 411, 412), (_T410,)),
+        ((420, 421), (_T420,)),
+        ((430,), (("DeviceInstanceId",),)),
+        ((440, 441, 442), (_T440,)),
+        ((704,), (("QueryRemoveType", "Device"),)),
+        ((705, 830, 831, 832, 850, 851), (("Device",),)),
+        ((803, 804, 805, 806), (("Phase", "Device"),)),
+        ((840, 852), (("DeviceInstanceLength", "DeviceInstance"),)),
+        ((841,), (("DeviceInstanceLength", "DeviceInstance", "Status", "VetoType", "VetoNameLength",
+                   "VetoName"),)),
+        ((853,), (("DeviceInstanceLength", "DeviceInstance", "Status"),))):
+    for _id in _ids:
+        TEMPLATES[_id] = _tpls
 
 _PHASES = ("begin", "end", "point")
+#: field names that hold the device instance id, in order of preference; ``Device`` is
+#: the field of 704/705, 803-806, 830-832 and 850/851 (manifest dumps above)
 _INSTANCE_FIELDS = ("DeviceInstanceId", "DeviceInstanceID", "InstanceId", "DeviceId", "DeviceID",
-                    "TargetDeviceInstanceId", "DeviceInstance")
+                    "TargetDeviceInstanceId", "DeviceInstance", "Device")
+
+
+def _norm_guid(value: object) -> str:
+    return str(value or "").strip().strip("{}").lower()
 
 
 @dataclass(frozen=True)
 class EventMap:
     """Event ID -> rule, for one provider; loadable from JSON so it can be corrected
-    without a code change when a Windows build renumbers events."""
+    without a code change when a Windows build renumbers events.
+
+    Only records of this provider (by name or by GUID; a record naming no provider at
+    all is assumed to be one) are looked up: another provider's event ID means
+    something else entirely.
+    """
 
     rules: Mapping[int, EventRule] = field(default_factory=lambda: dict(DEFAULT_EVENT_TABLE))
     provider: str = KERNEL_PNP_NAME
+    provider_guid: str = KERNEL_PNP_GUID
 
     def get(self, event_id: int) -> EventRule | None:
         return self.rules.get(event_id)
 
+    def is_provider(self, name: object, guid: object) -> bool:
+        """True when the record is this provider's (either identity matches) or names none."""
+        name_s = str(name or "").strip()
+        guid_s = _norm_guid(guid)
+        if not name_s and not guid_s:
+            return True
+        return (bool(name_s) and name_s.lower() == self.provider.lower()) or \
+            (bool(guid_s) and guid_s == _norm_guid(self.provider_guid))
+
     def to_json(self) -> dict[str, Any]:
-        return {"provider": self.provider,
+        return {"provider": self.provider, "provider_guid": self.provider_guid,
                 "events": {str(k): v.to_json() for k, v in sorted(self.rules.items())}}
 
     @classmethod
@@ -319,9 +465,18 @@ class EventMap:
             phase = spec.get("phase", "point")
             if phase not in _PHASES:
                 raise ConfigError(f"event map: entry {eid} phase must be one of {_PHASES}")
+            root = spec.get("root")
+            ok = spec.get("ok")
+            fields = spec.get("fields") or {}
+            if root is not None and not isinstance(root, str) or ok is not None and not isinstance(ok, bool) \
+                    or not isinstance(fields, Mapping):
+                raise ConfigError(f"event map: entry {eid}: root must be a string, ok a boolean, "
+                                  "fields an object")
             rules[eid] = EventRule(kind, str(spec.get("name", f"Event{eid}")), phase,
-                                   bool(spec.get("verified", False)))
-        return cls(rules=rules, provider=str(data.get("provider", KERNEL_PNP_NAME)))
+                                   bool(spec.get("verified", False)), root, ok,
+                                   tuple((str(k), str(v)) for k, v in fields.items()))
+        return cls(rules=rules, provider=str(data.get("provider", KERNEL_PNP_NAME)),
+                   provider_guid=str(data.get("provider_guid", KERNEL_PNP_GUID)))
 
     @classmethod
     def load(cls, path: str | Path | None) -> EventMap:
@@ -344,13 +499,30 @@ class EventMap:
 
 # --------------------------------------------------------------- parsing
 
-def _instance_of(record: Mapping[str, Any]) -> str | None:
+def _named_fields(record: Mapping[str, Any], event_id: int | None) -> dict[str, Any]:
+    """The record's payload by field name: ``Data`` when it has names, else the positional
+    ``Properties`` named by the manifest template of the same length (``TEMPLATES``)."""
     data = record.get("Data")
-    if isinstance(data, Mapping):
-        for name in _INSTANCE_FIELDS:
-            v = data.get(name)
-            if looks_like_instance_id(v):
-                return str(v)
+    if isinstance(data, Mapping) and data:
+        return dict(data)
+    props = record.get("Properties")
+    if event_id is not None and isinstance(props, list):
+        for tpl in TEMPLATES.get(event_id, ()):
+            if len(tpl) == len(props):
+                return dict(zip(tpl, props))
+    return {}
+
+
+def _instance_of(record: Mapping[str, Any], fields: Mapping[str, Any]) -> str | None:
+    """The device instance id: a known field name first, then any value of that shape
+    (219 keeps it in ``DriverName``; positional ``Properties`` have no names at all)."""
+    for name in _INSTANCE_FIELDS:
+        v = fields.get(name)
+        if looks_like_instance_id(v):
+            return str(v)
+    for v in fields.values():
+        if looks_like_instance_id(v):
+            return str(v)
     props = record.get("Properties")
     if isinstance(props, list):
         for v in props:
@@ -374,10 +546,25 @@ def _time_ns(record: Mapping[str, Any]) -> int | None:
     return None
 
 
-def parse_records(records: list[Any], *, received_ns: int, event_map: EventMap | None = None,
-                  source: Source = Source.GUEST_ETW) -> ParsedTrace:
-    """Decoded Get-WinEvent records -> Events.
+def norm_status(value: Any) -> Any:
+    """NTSTATUS as the manifest's HexInt32 renders it (``0xC0000365``). A UInt32 field
+    (219's Status, ``Get-WinEvent`` Properties) arrives as a decimal number or string;
+    hex strings and names are kept as they are."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return f"0x{value & 0xFFFFFFFF:X}"
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 10:
+        return f"0x{int(value.strip()) & 0xFFFFFFFF:X}"
+    return value
 
+
+class RecordMapper:
+    """Decoded event records -> Events, one at a time (the one mapping of Kernel-PnP
+    records, for the live tracer's decode output and for logs read from files).
+
+    * Records of another provider (``EventMap.is_provider``) become ``Kind.KERNEL_LOG``
+      flagged ``other-provider``; their ID is never looked up in the table.
     * Mapped IDs become their table kind with ``data['event_id']``, ``data['name']``,
       ``data['phase']`` and the whole raw record under ``data['raw']``.
     * Unknown IDs are kept as ``Kind.KERNEL_LOG`` flagged ``unmapped-event-id``.
@@ -385,40 +572,52 @@ def parse_records(records: list[Any], *, received_ns: int, event_map: EventMap |
       flag ``bad-timestamp``; a record that is not an object becomes a flagged
       ``malformed-record`` event holding the raw value.
     * ``end`` events get ``duration_ns`` from the latest unmatched ``begin`` of the
-      same name for the same device (or ActivityId) when both have times. A ``begin``
-      is emitted as ``Kind.CALL_ENTER`` with ``data['for_kind']`` (except the
-      rebalance pair, whose kinds are begin/end already), so each operation yields
-      one event of its kind; a begin without an end (a hang) stays visible.
+      same name for the same device (or subtree root, or ActivityId) when both have
+      times. A ``begin`` is emitted as ``Kind.CALL_ENTER`` with ``data['for_kind']``
+      (except the rebalance pair, whose kinds are begin/end already), so each operation
+      yields one event of its kind; a begin without an end (a hang) stays visible.
     * ``Status`` and ``Problem`` fields become ``data['status']`` / ``data['code']``
-      (the names lab.rules.windows_pnp reads).
+      (the names lab.rules.windows_pnp reads); a rule's ``root``, ``ok`` and ``fields``
+      apply as ``EventRule`` says.
     """
-    emap = event_map or EventMap()
-    out = ParsedTrace()
-    open_begins: dict[tuple[str, str], Event] = {}
-    for index, rec in enumerate(records):
+
+    def __init__(self, event_map: EventMap | None = None, source: Source = Source.GUEST_ETW) -> None:
+        self.emap = event_map or EventMap()
+        self.source = source
+        self.problems: list[str] = []
+        self._open: dict[tuple[str, str], Event] = {}
+
+    def map(self, index: int, rec: Any, *, received_ns: int,
+            extra: Mapping[str, Any] | None = None) -> Event:
+        """One record -> one Event. ``received_ns`` is the host time to stamp (the live
+        tracer's receive time); ``extra`` is merged into ``data`` (e.g. ``at``)."""
+        source = self.source
         if not isinstance(rec, Mapping):
-            out.problems.append(f"record {index}: not an object ({type(rec).__name__})")
-            out.events.append(Event(t_host_ns=received_ns, source=source, kind=Kind.KERNEL_LOG,
-                                    data=flagged({"raw": rec, "index": index}, "malformed-record")))
-            continue
+            self.problems.append(f"record {index}: not an object ({type(rec).__name__})")
+            return Event(t_host_ns=received_ns, source=source, kind=Kind.KERNEL_LOG,
+                         data=flagged({"raw": rec, "index": index, **(extra or {})}, "malformed-record"))
         flags: list[str] = []
         raw_id = rec.get("Id")
         event_id: int | None
         try:
             event_id = int(raw_id) if raw_id is not None and not isinstance(raw_id, bool) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             event_id = None
         if event_id is None:
             flags.append("missing-event-id")
-            out.problems.append(f"record {index}: no usable event Id ({raw_id!r})")
+            self.problems.append(f"record {index}: no usable event Id")
         t_guest = _time_ns(rec)
         if t_guest is None:
             flags.append("bad-timestamp")
-            out.problems.append(f"record {index} (Id {raw_id!r}): bad or missing TimeCreated")
-        rule = emap.get(event_id) if event_id is not None else None
-        if rule is None and event_id is not None:
+            self.problems.append(f"record {index} (Id {event_id}): bad or missing TimeCreated")
+        ours = self.emap.is_provider(rec.get("ProviderName"), rec.get("ProviderId"))
+        rule = self.emap.get(event_id) if event_id is not None and ours else None
+        if not ours:
+            flags.append("other-provider")
+        elif rule is None and event_id is not None:
             flags.append("unmapped-event-id")
-        instance = _instance_of(rec)
+        fields = _named_fields(rec, event_id)
+        instance = _instance_of(rec, fields) if ours else None
         data: dict[str, Any] = {
             "event_id": event_id,
             "provider": rec.get("ProviderName"),
@@ -427,14 +626,26 @@ def parse_records(records: list[Any], *, received_ns: int, event_map: EventMap |
         }
         if rule is not None:
             data.update(name=rule.name, phase=rule.phase, verified=rule.verified)
-        fields = rec.get("Data") if isinstance(rec.get("Data"), Mapping) else {}
-        if fields.get("Status") not in (None, ""):
-            data["status"] = fields["Status"]          # NTSTATUS, as the rules read it
-        if fields.get("Problem") not in (None, ""):
-            try:
-                data["code"] = int(str(fields["Problem"]), 0)   # CM_PROB_* of 410/411
-            except ValueError:
-                data["code"] = fields["Problem"]
+            if rule.ok is not None:
+                data["ok"] = rule.ok
+            for fname, dkey in rule.fields:
+                if fields.get(fname) not in (None, ""):
+                    data[dkey] = fields[fname]
+        if ours:
+            if fields.get("Status") not in (None, ""):
+                data["status"] = norm_status(fields["Status"])   # NTSTATUS, as the rules read it
+            if fields.get("Problem") not in (None, ""):
+                try:
+                    data["code"] = int(str(fields["Problem"]), 0)   # CM_PROB_* of 410/411
+                except ValueError:
+                    data["code"] = fields["Problem"]
+        device: DeviceId | None = DeviceId(instance=instance) if instance else None
+        if rule is not None and rule.root is not None:
+            if instance:
+                data[rule.root] = instance
+            device = None
+        if extra:
+            data.update(extra)
         if flags:
             data = flagged(data, *flags)
         kind = rule.kind if rule is not None else Kind.KERNEL_LOG
@@ -443,25 +654,45 @@ def parse_records(records: list[Any], *, received_ns: int, event_map: EventMap |
             # the begin is a CALL_ENTER naming the kind it opens
             data["for_kind"] = kind.value
             kind = Kind.CALL_ENTER
-        event = Event(t_host_ns=received_ns, source=source, kind=kind,
-                      device=DeviceId(instance=instance) if instance else None,
+        event = Event(t_host_ns=received_ns, source=source, kind=kind, device=device,
                       data=data, t_guest_ns=t_guest)
         if rule is not None and rule.phase in ("begin", "end"):
-            key = (rule.name, instance or str(rec.get("ActivityId") or ""))
+            key = (rule.name, instance or str(rec.get("ActivityId") or ""))  # root or device
             if rule.phase == "begin":
-                open_begins[key] = event
+                self._open[key] = event
             else:
-                begin = open_begins.pop(key, None)
+                begin = self._open.pop(key, None)
                 if begin is not None and begin.t_guest_ns is not None and t_guest is not None \
                         and t_guest >= begin.t_guest_ns:
                     event = Event(t_host_ns=event.t_host_ns, source=source, kind=kind,
                                   device=event.device, duration_ns=t_guest - begin.t_guest_ns,
                                   data={**data, "begin_index": begin.data.get("index")},
                                   t_guest_ns=t_guest)
-        out.events.append(event)
-    for (name, who), ev in open_begins.items():
-        out.problems.append(f"{name} begin (record {ev.data.get('index')}, {who or 'no device'}) "
-                            "has no matching end")
+        return event
+
+    def unmatched(self) -> list[Event]:
+        """The ``begin`` events still waiting for their ``end`` (taken out)."""
+        out = list(self._open.values())
+        self._open.clear()
+        return out
+
+    def finish(self) -> list[str]:
+        """Problems so far, plus one per ``begin`` that never got its ``end``."""
+        for ev in self.unmatched():
+            who = ev.device.instance if ev.device is not None else None
+            self.problems.append(f"{ev.data.get('name')} begin (record {ev.data.get('index')}, "
+                                 f"{who or 'no device'}) has no matching end")
+        return self.problems
+
+
+def parse_records(records: list[Any], *, received_ns: int, event_map: EventMap | None = None,
+                  source: Source = Source.GUEST_ETW) -> ParsedTrace:
+    """Decoded Get-WinEvent records -> Events (see ``RecordMapper`` for the mapping)."""
+    mapper = RecordMapper(event_map, source)
+    out = ParsedTrace()
+    for index, rec in enumerate(records):
+        out.events.append(mapper.map(index, rec, received_ns=received_ns))
+    out.problems.extend(mapper.finish())
     return out
 
 

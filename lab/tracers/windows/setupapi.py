@@ -1,220 +1,39 @@
-"""setupapi.dev.log: read the part written during a run and cut it into sections.
-
-Format (learn.microsoft.com/windows-hardware/drivers/install/ "Format of a Text Log
-Section", "... Section Header", "... Section Body", "... Section Footer"):
-
-    >>>  [Device Install (Hardware initiated) - PCI\\VEN_8086&DEV_293E&...\\3&11583659&0&20]
-    >>>  Section start 2024/01/15 10:00:00.123
-         ump: Creating Install Process: DrvInst.exe 10:00:00.125
-    !    dvi: Device not started: Device has problem: 0x0a (CM_PROB_FAILED_START)
-    !!!  dvi: Default installer: failed!
-    <<<  Section end 2024/01/15 10:00:02.456
-    <<<  [Exit status: FAILURE(0xe0000219)]
-
-* Header: ``>>>  [title - instance]`` (or ``[title]``), then the start time stamp. The
-  documentation shows ``>>>  yyyy/mm/dd hh:mm:ss.sss: Section start`` (older builds);
-  current builds write ``>>>  Section start yyyy/mm/dd hh:mm:ss.sss``. Both are read.
-* Body entries: prefix ``!!! `` error, ``! `` warning, blank for information.
-* Footer: ``<<<  Section end <time>`` (or ``<<<  [<time>: Section end]``) and
-  ``<<<  [Exit status: SUCCESS]`` / ``FAILURE(0x...)`` (or ``[Exit Status(0x...)]``).
-* Time stamps are the guest's *local* time with milliseconds; the image sets the
-  guest time zone to UTC, and ``parse`` takes the guest's UTC offset otherwise.
+"""setupapi.dev.log in the live run: fetch the part written during the run.
 
 Only the tail written since the run started is fetched: the size at start is recorded
 (``size_script``) and the bytes from there on are read later (``tail_script``), with
 the file opened for shared read/write because SetupAPI keeps writing to it.
+
+The text is cut into sections by ``lab.logs.setupapi`` (one reader of the format for
+both the live tracer and ``rebalab inspect``); ``parse``, ``parse_timestamp``,
+``Section`` and ``SetupApiLog`` are that module's, re-exported here for the tracer.
+``to_events`` stays here because it returns the tracers' ``ParsedTrace``: ``lab.logs``
+cannot import ``lab.tracers.windows`` (that package imports the tracer, which imports
+this module, which imports ``lab.logs.setupapi``).
+Time stamps are the guest's *local* time; the image sets the guest time zone to UTC,
+and ``parse`` takes the guest's UTC offset otherwise.
 """
 
 from __future__ import annotations
 
 import base64
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
 from typing import Any
 
-from lab.events import DeviceId, Event, Kind, Source
-from lab.tracers.windows.common import GuestScript, ParsedTrace, flagged, looks_like_instance_id, validate_guest_path
+from lab.logs.setupapi import Section, SetupApiLog, log_events, parse, parse_timestamp
+from lab.tracers.windows.common import GuestScript, ParsedTrace, validate_guest_path
 
 DEFAULT_LOG = r"C:\Windows\INF\setupapi.dev.log"
 
-_TS = r"(\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}\.\d{3})"
-_HEADER_RE = re.compile(r"^>>>\s+\[(?P<body>.*)\]\s*$")
-_START_RE = re.compile(rf"^>>>\s+(?:Section start\s+(?P<a>\S.*?)|(?P<b>\S.*?):?\s+Section start)\s*$")
-_END_RE = re.compile(rf"^<<<\s+(?:Section end\s+(?P<a>\S.*?)|\[(?P<b>\S.*?):?\s+Section end\])\s*$")
-_EXIT_RE = re.compile(r"^<<<\s+\[Exit(?:\s+[Ss]tatus[:(]?\s*(?P<status>[^\]]*?)\)?)?\]\s*$")
-_BOOT_RE = re.compile(rf"^\[Boot Session:\s+{_TS}\]\s*$")
-_TS_ONLY = re.compile(rf"^{_TS}$")
 
-
-def parse_timestamp(text: str, utc_offset: timedelta = timedelta(0)) -> int:
-    """``yyyy/mm/dd hh:mm:ss.sss`` in guest local time -> ns since the Unix epoch (UTC)."""
-    t = text.strip()
-    if not _TS_ONLY.match(t):
-        raise ValueError(f"not a SetupAPI time stamp: {text!r}")
-    local = datetime.strptime(t, "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=timezone(utc_offset))
-    return int(local.timestamp()) * 1_000_000_000 + local.microsecond * 1000
-
-
-@dataclass
-class Section:
-    title: str
-    instance: str | None
-    start_text: str | None = None
-    end_text: str | None = None
-    start_ns: int | None = None
-    end_ns: int | None = None
-    exit_status: str | None = None
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    body: list[str] = field(default_factory=list)
-    line: int = 0
-    flags: set[str] = field(default_factory=set)
-
-    @property
-    def succeeded(self) -> bool | None:
-        if self.exit_status is None:
-            return None
-        s = self.exit_status.upper()
-        return s.startswith("SUCCESS") or s in ("0X00000000", "0")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "instance": self.instance, "start": self.start_text,
-                "end": self.end_text, "exit_status": self.exit_status, "succeeded": self.succeeded,
-                "errors": self.errors, "warnings": self.warnings, "line": self.line,
-                "body_lines": len(self.body), "flags": sorted(self.flags)}
-
-
-@dataclass
-class SetupApiLog:
-    sections: list[Section]
-    boot_sessions: list[str]
-    problems: list[str]
-
-
-def _split_header(body: str) -> tuple[str, str | None]:
-    if " - " in body:
-        title, instance = body.split(" - ", 1)
-        return title.strip(), instance.strip() or None
-    return body.strip(), None
-
-
-def parse(text: str, *, utc_offset: timedelta = timedelta(0), since_ns: int | None = None,
-          at_eof_open: bool = True) -> SetupApiLog:
-    """Cut ``text`` into sections.
-
-    ``since_ns``: keep only sections that started at or after it (the run start); a
-    section whose start time cannot be read is kept and flagged ``bad-timestamp``,
-    never dropped. A section cut short by the next header is flagged ``truncated``;
-    one still open at the end of the text is flagged ``incomplete`` (SetupAPI may
-    still be writing it) unless ``at_eof_open`` is False, then ``truncated`` too.
-    Footer lines without a header (the tail began inside a section) are reported in
-    ``problems``.
-    """
-    sections: list[Section] = []
-    boots: list[str] = []
-    problems: list[str] = []
-    cur: Section | None = None
-    pending_header: Section | None = None  # header seen, start line not yet
-
-    def close(sec: Section, flag: str | None) -> None:
-        if flag:
-            sec.flags.add(flag)
-        sections.append(sec)
-
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.rstrip("\r\n")
-        stripped = line.strip()
-        if not stripped:
-            continue
-        m = _HEADER_RE.match(line)
-        if m:
-            for open_sec in (cur, pending_header):
-                if open_sec is not None:
-                    close(open_sec, "truncated")
-            title, instance = _split_header(m["body"])
-            pending_header, cur = Section(title=title, instance=instance, line=lineno), None
-            continue
-        m = _START_RE.match(line)
-        if m:
-            sec = pending_header or Section(title="(untitled)", instance=None, line=lineno,
-                                            flags={"missing-header"})
-            pending_header = None
-            stamp = (m["a"] or m["b"] or "").strip().rstrip(":")
-            sec.start_text = stamp
-            try:
-                sec.start_ns = parse_timestamp(stamp, utc_offset)
-            except ValueError:
-                sec.flags.add("bad-timestamp")
-                problems.append(f"line {lineno}: bad section start time {stamp!r}")
-            if cur is not None:
-                close(cur, "truncated")
-            cur = sec
-            continue
-        if pending_header is not None:
-            # a header must be followed by its start line
-            pending_header.flags.add("missing-start")
-            cur, pending_header = pending_header, None
-        m = _END_RE.match(line)
-        if m:
-            stamp = (m["a"] or m["b"] or "").strip().rstrip(":")
-            if cur is None:
-                problems.append(f"line {lineno}: section end without a section start (tail began mid-section)")
-                continue
-            cur.end_text = stamp
-            try:
-                cur.end_ns = parse_timestamp(stamp, utc_offset)
-            except ValueError:
-                cur.flags.add("bad-timestamp")
-                problems.append(f"line {lineno}: bad section end time {stamp!r}")
-            continue
-        m = _EXIT_RE.match(line)
-        if m:
-            if cur is None:
-                problems.append(f"line {lineno}: exit status without a section start")
-                continue
-            status = (m["status"] or "").strip()
-            if "(" in status and not status.endswith(")"):
-                status += ")"  # FAILURE(0x...) lost its ")" to the optional Status(...) form
-            cur.exit_status = status or "EXIT"
-            close(cur, None if cur.end_text is not None else "missing-end")
-            cur = None
-            continue
-        bm = _BOOT_RE.match(stripped)
-        if bm:
-            boots.append(bm[1])
-            continue
-        if cur is None:
-            continue  # file header lines ([Device Install Log], OS Version = ...)
-        cur.body.append(line)
-        if line.startswith("!!!"):
-            cur.errors.append(line[3:].strip())
-        elif line.startswith("!"):
-            cur.warnings.append(line[1:].strip())
-    for open_sec in (cur, pending_header):
-        if open_sec is not None:
-            close(open_sec, "incomplete" if at_eof_open else "truncated")
-    if since_ns is not None:
-        sections = [s for s in sections if s.start_ns is None or s.start_ns >= since_ns]
-    return SetupApiLog(sections=sections, boot_sessions=boots, problems=problems)
-
-
-def to_events(log: SetupApiLog, *, received_ns: int) -> ParsedTrace:
-    """One SETUPAPI_SECTION event per section (device = its instance id if it is one)."""
-    out = ParsedTrace(problems=list(log.problems))
-    for sec in log.sections:
-        data = sec.to_json()
-        if sec.flags:
-            data = flagged(data, *sec.flags)
-        duration = None
-        if sec.start_ns is not None and sec.end_ns is not None and sec.end_ns >= sec.start_ns:
-            duration = sec.end_ns - sec.start_ns
-        dev = DeviceId(instance=sec.instance) if looks_like_instance_id(sec.instance) else None
-        out.events.append(Event(t_host_ns=received_ns, source=Source.GUEST_SETUPAPI,
-                                kind=Kind.SETUPAPI_SECTION, device=dev, duration_ns=duration,
-                                data=data, t_guest_ns=sec.start_ns))
-    return out
+def to_events(log: SetupApiLog, *, received_ns: int, with_problems: bool = False) -> ParsedTrace:
+    """One SETUPAPI_SECTION event per section (device = its instance id if it is one),
+    at ``received_ns`` with the guest time in ``t_guest_ns``; ``with_problems`` adds a
+    PROBLEM event per device a section leaves with a problem code. The log's structural
+    problems (footers without a header, bad time stamps) come along in ``problems``."""
+    return ParsedTrace(events=log_events(log, received_ns=received_ns, with_problems=with_problems),
+                       problems=list(log.problems))
 
 
 # --------------------------------------------------------------- guest side
@@ -295,3 +114,7 @@ def decode_tail(records: Sequence[Any]) -> Tail:
     return Tail(offset=int(r.get("Offset") or 0), length=int(r.get("Length") or 0),
                 rotated=bool(r.get("Rotated")), missing=bool(r.get("Missing")),
                 truncated=bool(r.get("Truncated")), text=text)
+
+
+__all__ = ["DEFAULT_LOG", "Section", "SetupApiLog", "Tail", "decode_tail", "parse",
+           "parse_timestamp", "size_script", "tail_script", "to_events"]

@@ -238,7 +238,9 @@ class WindowsTracer:
                 # filter (1 s slack for millisecond stamps) matters when the log rotated
                 log = setupapi.parse(tail.text, utc_offset=offset,
                                      since_ns=st.guest_start_ns - 1_000_000_000)
-                parsed.extend(setupapi.to_events(log, received_ns=received))
+                # a section that leaves the device with a problem code also yields a
+                # PROBLEM event, which the windows-pnp rules read
+                parsed.extend(setupapi.to_events(log, received_ns=received, with_problems=True))
             else:  # pragma: no cover - every planned label is handled above
                 raise AssertionError(f"unhandled tracer step {label}")
         self.problems.extend(parsed.problems)
