@@ -410,7 +410,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return result.exit_code
     con = _console()
     for line in insp_mod.render_files(result.files):
-        con.print(line, markup=False)
+        con.print(line, markup=False, soft_wrap=True)
     body = rows(result.timeline, width=110)
     pairs = list(zip(body, result.timeline))
     significant = [p for p in pairs if not (p[1].kind.value == "kernel-log" and p[1].device is None)]
@@ -418,16 +418,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     con.print(f"\n# {len(shown)} of {len(pairs)} events"
               + ("" if len(shown) == len(pairs) else
                  " (plain log lines and the rest left out: --max-events N, or --report DIR)"),
-              markup=False)
+              markup=False, soft_wrap=True)
     clocks = {f.tally.path: f.tally.clock for f in result.files}
     for r, ev in shown:
         when = insp_mod.event_time(ev, clocks)
-        con.print("  ".join((r[0].rjust(6), when, r[3], r[4], r[5], r[6], r[7])), markup=False)
-    con.print("", markup=False)
+        con.print("  ".join((r[0].rjust(6), when, r[3], r[4], r[5], r[6], r[7])), markup=False, soft_wrap=True)
+    con.print("", markup=False, soft_wrap=True)
     for line in insp_mod.render_verdicts(result):
-        con.print(line, markup=False)
+        con.print(line, markup=False, soft_wrap=True)
     if args.report:
-        con.print(f"report: {out / 'report.html'}", markup=False)
+        con.print(f"report: {out / 'report.html'}", markup=False, soft_wrap=True)
     return result.exit_code
 
 
@@ -445,14 +445,14 @@ def _inspect_run(run_dir: Path, rules: list[str] | None, as_json: bool) -> int:
         state = "same verdict" if c.reproduced else "DIFFERENT verdict"
         con.print(f"iteration {c.key}: recorded {len(c.recorded)} violation(s), re-checked "
                   f"{len(c.rechecked)} from the timeline: {state}"
-                  + (f" ({c.note})" if c.note else ""), markup=False)
+                  + (f" ({c.note})" if c.note else ""), markup=False, soft_wrap=True)
         for v in c.rechecked:
-            con.print(f"    {v.signature}: {v.message}", markup=False)
+            con.print(f"    {v.signature}: {v.message}", markup=False, soft_wrap=True)
         for v in c.from_steps:
-            con.print(f"    (found by the run's steps) {v.signature}: {v.message}", markup=False)
+            con.print(f"    (found by the run's steps) {v.signature}: {v.message}", markup=False, soft_wrap=True)
     if not all(c.reproduced for c in checks):
         con.print("the re-check differs from the recorded verdict: the rules changed since "
-                  "the run, or the run's files were edited", markup=False)
+                  "the run, or the run's files were edited", markup=False, soft_wrap=True)
     return EXIT_FAIL if failed else EXIT_OK
 
 

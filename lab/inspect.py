@@ -38,10 +38,12 @@ from lab.rules import check_all
 from lab.rules.base import Limits, RuleContext, selected_checks
 from lab.timeline import DeviceBinding, Timeline, device_label, normalize_bdf
 
-#: events kept in one inspection's timeline; past it, plain log lines (kernel-log
-#: events with nothing device- or PnP-specific) are counted instead of kept, so a
-#: 100 MB dmesg is judged in bounded memory and the header says how many were left out
-MAX_TIMELINE_EVENTS = 100_000
+#: plain log lines (kernel-log events) kept in one inspection's timeline; past it they
+#: are counted instead of kept, so a 100 MB dmesg is judged in bounded memory
+MAX_LOG_LINES = 100_000
+#: events the rules read (everything but plain log lines) kept at most; past it they are
+#: counted too and the inspection says that its verdict covers only what was kept
+MAX_RULE_EVENTS = 250_000
 #: files one inspection reads
 MAX_FILES = 256
 
@@ -94,10 +96,12 @@ class FileReport:
 
     tally: Tally
     kept: int = 0
-    left_out: int = 0
+    left_out: int = 0           # plain log lines past MAX_LOG_LINES
+    left_out_rule: int = 0      # events the rules read, past MAX_RULE_EVENTS
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.tally.to_json(), "kept": self.kept, "left_out": self.left_out}
+        return {**self.tally.to_json(), "kept": self.kept, "left_out": self.left_out,
+                "left_out_rule_events": self.left_out_rule}
 
 
 @dataclass
@@ -141,23 +145,45 @@ class Inspection:
                 "verdict": "violations" if self.violations else "ok"}
 
 
-def _keep(ev: Event) -> bool:
-    """Worth its memory past the cap: anything but a plain, device-less log line."""
-    return not (ev.kind == Kind.KERNEL_LOG and ev.device is None)
+@dataclass
+class _Budget:
+    """What one inspection may still keep (shared by its files)."""
+
+    log_lines: int
+    rule_events: int
+
+    @classmethod
+    def new(cls) -> _Budget:
+        return cls(MAX_LOG_LINES, MAX_RULE_EVENTS)
+
+    def take(self, ev: Event) -> bool:
+        if ev.kind == Kind.KERNEL_LOG:
+            self.log_lines -= 1
+            return self.log_lines >= 0
+        self.rule_events -= 1
+        return self.rule_events >= 0
 
 
-def read_file(path: str | Path, fmt: str = "auto") -> tuple[FileReport, list[Event]]:
+def read_file(path: str | Path, fmt: str = "auto", budget: _Budget | None = None
+              ) -> tuple[FileReport, list[Event]]:
     """Parse one file with the named parser (or the detected one)."""
     inp = LogInput(path)
     parser = logs.detect(inp) if fmt == "auto" else logs.get(fmt)
     tally = Tally(path=inp.display, format=parser.name)
     events: list[Event] = []
     report = FileReport(tally)
+    budget = budget or _Budget.new()
     for ev in parser.parse(inp, tally):
-        if len(events) < MAX_TIMELINE_EVENTS or _keep(ev):
+        if budget.take(ev):
             events.append(ev)
-        else:
+        elif ev.kind == Kind.KERNEL_LOG:
             report.left_out += 1
+        else:
+            report.left_out_rule += 1
+    if report.left_out_rule:
+        tally.problem(f"{report.left_out_rule} event(s) the rules read were past the "
+                      f"{MAX_RULE_EVENTS} an inspection keeps: the verdict covers the "
+                      "events before them; split the file to judge the rest")
     report.kept = len(events)
     if tally.events == 0 and tally.used == 0:
         raise LogFormatError(
@@ -219,8 +245,9 @@ def inspect_files(paths: Sequence[str | Path], *, fmt: str = "auto",
     files: list[FileReport] = []
     events: list[Event] = []
     untimed: list[Event] = []
+    budget = _Budget.new()
     for p in paths:
-        report, evs = read_file(p, fmt)
+        report, evs = read_file(p, fmt, budget)
         files.append(report)
         (untimed if report.tally.clock == "none" else events).extend(evs)
     events.extend(_after(untimed, max((e.t_host_ns for e in events), default=0)))
@@ -314,6 +341,8 @@ def render_files(files: Sequence[FileReport]) -> list[str]:
                 f"{t.not_understood} not understood; {t.events} event(s)")
         if f.left_out:
             line += f" ({f.left_out} plain log lines left out of the timeline)"
+        if f.left_out_rule:
+            line += f" ({f.left_out_rule} events past the cap: NOT judged)"
         if t.clock == "none":
             line += "; untimed (ordered only)"
         elif t.clock in ("local", "boot"):

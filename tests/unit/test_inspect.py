@@ -339,3 +339,24 @@ def test_tally_counts_cut_lines_and_decode_errors(tmp_path: Path) -> None:
     t = Tally(path=str(p), format="kernel-log")
     list(logs.get("kernel-log").parse(LogInput(p), t))
     assert t.decode_errors == 1 and t.cut_lines == 1 and t.lines == 2 and t.balanced
+
+
+def test_caps_keep_memory_bounded_and_say_what_was_left_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import lab.inspect as insp_mod
+    monkeypatch.setattr(insp_mod, "MAX_LOG_LINES", 10)
+    monkeypatch.setattr(insp_mod, "MAX_RULE_EVENTS", 3)
+    p = tmp_path / "dmesg.txt"
+    lines = [f"[{i:5d}.000000] plain line {i}" for i in range(1, 31)]
+    lines += [f"[{i:5d}.000000] pci 0000:0{i % 5}:00.0: BAR 0: no space for [mem size 0x00100000]"
+              for i in range(31, 36)]
+    p.write_text("\n".join(lines) + "\n")
+    insp = insp_mod.inspect_files([p])
+    f = insp.files[0]
+    assert (f.kept, f.left_out, f.left_out_rule) == (13, 20, 2)
+    assert any("2 event(s) the rules read were past the 3" in x for x in f.tally.problems)
+    assert f.tally.balanced and f.tally.events == 35
+    rc = main(["inspect", str(p)])
+    out = capsys.readouterr().out
+    assert rc == 1 and "(20 plain log lines left out of the timeline)" in out
+    assert "(2 events past the cap: NOT judged)" in out
