@@ -4,13 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup image demo test test-unit test-e2e bench bench-race bench-logs clean
+.PHONY: help setup image demo test test-unit test-e2e bench bench-race bench-logs bench-audio clean
 
 help:
 	@echo "make demo   - set up (apt packages, venv, guest image) and run the default hot-plug cycle"
 	@echo "make test   - set up and run the whole test suite (unit + end-to-end under QEMU)"
 	@echo "make bench  - run the hot-plug benchmark and print figures"
 	@echo "make bench-race - run the race-hunt benchmark (race-planted sweep per planted bug)"
+	@echo "make bench-audio - the audio analysis' detection limits and speed (synthetic captures)"
 	@echo "make bench-logs - read 100 MB logs with every inspect parser (speed, memory)"
 	@echo "make image  - (re)build the built-in Linux guest image if its inputs changed"
 
@@ -39,6 +40,9 @@ bench-race: setup
 
 bench-logs: setup
 	$(PY) bench/logs.py
+
+bench-audio: setup
+	$(PY) bench/audio_gaps.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -83,7 +83,10 @@ class Kind(str, Enum):
     RESOURCE_UNASSIGNED = "resource-unassigned"  # a BAR or bridge window could not be assigned
     RESOURCE_RELEASED = "resource-released"
     SLOT_EVENT = "slot-event"                # PCIe hot-plug slot: card present, link up/down, button
-    # audio
+    # audio (host.audio: the guest's playback as QEMU captured it)
+    AUDIO_START = "audio-start"              # first good sample of the capture window
+    AUDIO_STOP = "audio-stop"                # last good sample before the stream stopped
+    AUDIO_RESUMED = "audio-resumed"          # first good sample after it; duration = outage
     AUDIO_GAP = "audio-gap"
     AUDIO_DISCONTINUITY = "audio-discontinuity"
 

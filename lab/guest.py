@@ -46,6 +46,7 @@ from lab.accel import Accel
 from lab.agent.base import Agent
 from lab.agent.powershell import POWERSHELL, build_script
 from lab.agent.ssh import SshAgent
+from lab.audio_player import AudioPlayer, LinuxAudioPlayer, WindowsAudioPlayer
 from lab.deadline import Deadline, seconds
 from lab.errors import (
     AgentError,
@@ -204,6 +205,10 @@ class GuestBoot(abc.ABC):
     @abc.abstractmethod
     def describe_image(self) -> dict[str, Any]: ...
 
+    @abc.abstractmethod
+    def audio_player(self) -> AudioPlayer:
+        """How this guest plays the lab's audio signal and knows its PCM is back."""
+
 
 # ================================================================ Linux
 
@@ -276,8 +281,12 @@ class LinuxGuest(GuestBoot):
     def describe_image(self) -> dict[str, Any]:
         return self.image.describe()
 
+    def audio_player(self) -> AudioPlayer:
+        return LinuxAudioPlayer()
+
 
 # ================================================================ Windows
+
 
 class PowerShellSshAgent(SshAgent):
     """Windows OpenSSH: commands are PowerShell scripts, sent as ``-EncodedCommand``.
@@ -838,6 +847,9 @@ class WindowsGuest(GuestBoot):
                 "windows": {k: f.get(k) for k in ("edition", "build", "ubr", "display_version", "version")},
                 "firmware": self.firmware, "disk_bus": self.disk_bus,
                 "built_utc": self.manifest.get("built_utc"), "driver": self.manifest.get("driver")}
+
+    def audio_player(self) -> AudioPlayer:
+        return WindowsAudioPlayer()
 
 
 # ================================================================ parsing

@@ -16,9 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lab import audio_analysis as aa
 from lab import clock
+from lab.audio_capture import CaptureWatch
 from lab.errors import DeadlineExceeded, LabError
 from lab.events import DeviceId, Event, Kind, Source
+from lab import operations as ops
 from lab.machine import Machine
 from lab.timeline import DeviceBinding, Timeline
 from lab.tracers.kernel_log import events_from_console
@@ -104,6 +107,10 @@ def device_bindings(events: list[Event]) -> list[DeviceBinding]:
     return [DeviceBinding(DeviceId(qom=q, bdf=b)) for (q, b) in seen]
 
 
+#: a stream whose capture stood still for less than this at the end of its window is
+#: taken as still playing (see Observation.audio_analysis)
+END_STILL_NS = 300_000_000
+
 WINDOWS_SOURCES = (Source.GUEST_ETW, Source.GUEST_WPP, Source.GUEST_SETUPAPI, Source.GUEST_PNP)
 
 
@@ -140,9 +147,29 @@ class Observation:
         self._console_cursor = 0
         self.timeline: Timeline | None = None
         self._windows_alignment: clock.Alignment | None = None
+        # the guest's playback as QEMU captures it (only when the machine captures audio)
+        self.audio_watch: CaptureWatch | None = None
+        self.audio_device: DeviceId | None = None    # set by the first `play` step
+        self.audio_end_ns: int | None = None         # the lab stopped the players here
+        self.audio: aa.AudioAnalysis | None = None   # this observation's window, at finish
+        self._qom_bdfs: set[tuple[str, str]] = set()
+
+    def _pci_names(self) -> None:
+        """qom <-> BDF of every device QEMU has (cold ones included: no plug event names
+        them), so the guest's events about them carry the lab's names."""
+        if getattr(self.m, "qmp", None) is None:
+            return
+        try:
+            self._qom_bdfs.update((q, b) for q, b in ops.qom_bdfs(self.m).items())
+        except LabError as exc:
+            self.m.run.log(f"query-pci for device names failed: {exc}")
 
     def start(self) -> Observation:
         self.start_ns = time.time_ns()
+        self._pci_names()
+        audio_path = getattr(self.m, "audio_path", None)
+        if audio_path is not None:
+            self.audio_watch = CaptureWatch(audio_path).start()
         assert self.m.console is not None
         self._console_cursor = max(0, self.m.console.cursor() - 0)
         if not self.linux:
@@ -175,6 +202,45 @@ class Observation:
         tl.write(path or self.m.artifacts / f"{self.name}.jsonl")
         self.timeline = tl
         return tl
+
+    def audio_analysis(self, pauses: tuple[clock.Pause, ...] | None = None, *,
+                       final: bool = False) -> aa.AudioAnalysis | None:
+        """The capture window of this observation analysed: from its start to now, or to
+        the moment the lab stopped the players (so the lab's own stop is no outage).
+        None when nothing was played in it."""
+        path = self.m.audio_path
+        if self.audio_watch is None or self.audio_device is None or path is None:
+            return None
+        pts = self.audio_watch.stop() if final else self.audio_watch.checkpoints()
+        end_ns: int | None = pts[-1][0]
+        if self.audio_end_ns is not None:
+            pts = [p for p in pts if p[0] <= self.audio_end_ns] or pts[:1]
+            end_ns = self.audio_end_ns
+        # QEMU's file grows in bursts (a 4 KiB stdio buffer, its main loop busy with QMP
+        # and the network): a stream still playing can show a still file for ~100 ms at
+        # the window's end. Only a longer stillness there is a stream that did not come back.
+        still_since = next(t for t, f in pts if f == pts[-1][1])
+        if end_ns is not None and end_ns - still_since < END_STILL_NS:
+            end_ns = None
+        if pauses is None:
+            pauses = clock.pauses_from_events(
+                [e for e in self.m.run.events if e.t_host_ns >= self.start_ns])
+        start_ns, start_frame = pts[0]
+        return aa.analyze_window(path, start_frame=start_frame,
+                                 end_frame=pts[-1][1], progress=pts, pauses=pauses,
+                                 start_host_ns=start_ns, end_host_ns=end_ns)
+
+    def _audio_events(self, pauses: tuple[clock.Pause, ...], *, final: bool) -> list[Event]:
+        try:
+            analysis = self.audio_analysis(pauses, final=final)
+        except (OSError, LabError) as exc:
+            self.m.run.log(f"audio analysis failed: {exc}")
+            return []
+        if analysis is None:
+            return []
+        if final:
+            self.audio = analysis
+        return analysis.events(device=self.audio_device)
 
     def _windows_events(self, alive: bool) -> list[Event]:
         """Stop the ETW session and fetch what it recorded (nothing from a dead guest:
@@ -217,19 +283,27 @@ class Observation:
         alignment = clock.estimate(samples, pauses=clock.pauses_from_events(host))
         trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns)
         console_events = events_from_console(lines[self._console_cursor:])
+        audio_events = self._audio_events(clock.pauses_from_events(host), final=True)
         meta: dict[str, Any] = {"accelerator": self.m.accel.name if self.m.accel else None,
                                 "samples": {"two_way": sum(1 for s in samples if s.kind == "two-way"),
                                             "one_way": sum(1 for s in samples if s.kind != "two-way")},
                                 "kprobes": [s.func for s in self.tracer.active] if self.tracer else [],
                                 "kprobes_missing": list(self.tracer.missing) if self.tracer else [],
                                 "guest_alive_at_end": alive}
+        if alive:
+            self._pci_names()     # a rescan may have given a device another address
+        bindings = device_bindings(host)
+        named = {(b.device.qom, b.device.bdf) for b in bindings}
+        bindings += [DeviceBinding(DeviceId(qom=q, bdf=b)) for q, b in sorted(self._qom_bdfs)
+                     if (q, b) not in named]
         per_source = None
         if not self.linux and self._windows_alignment is not None:
             per_source = {src: self._windows_alignment for src in WINDOWS_SOURCES}
         return Timeline.build({"host": host, "trace": trace, "console": console_events,
+                               "audio": audio_events,
                                "kprobe" if self.linux else "windows": guest_events},
                               alignment=alignment, source_alignment=per_source,
-                              devices=device_bindings(host), meta=meta)
+                              devices=bindings, meta=meta)
 
     def __enter__(self) -> Observation:
         return self.start()

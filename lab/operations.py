@@ -72,6 +72,17 @@ def guest_bdf(m: Machine, port_id: str) -> str:
     return f"0000:{port_secondary_bus(m, port_id):02x}:00.0"
 
 
+def qom_bdfs(m: Machine) -> dict[str, str]:
+    """Every PCI device QEMU knows by a QOM id, with the address the guest gave it."""
+    out: dict[str, str] = {}
+    for bus in query_pci(m):
+        for d in _walk(bus.get("devices", [])):
+            if d.get("qdev_id"):
+                out[str(d["qdev_id"])] = \
+                    f"0000:{int(d['bus']):02x}:{int(d['slot']):02x}.{int(d['function'])}"
+    return out
+
+
 def device_bdf_from_qemu(m: Machine, qom_id: str) -> str | None:
     for bus in query_pci(m):
         for d in _walk(bus.get("devices", [])):

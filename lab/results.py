@@ -101,6 +101,9 @@ class IterationResult:
     stopped_at: str | None = None
     # a replay's attempt number (1..N) when one iteration ran several times, else None
     attempt: int | None = None
+    # figures the iteration measured, by name (e.g. audio_outage_ms): numbers a report
+    # aggregates per parameter value, not verdicts
+    measurements: dict[str, float] = field(default_factory=dict)
 
     @property
     def key(self) -> int | str:
@@ -122,6 +125,7 @@ class IterationResult:
             "artifacts": self.artifacts,
             "error": self.error,
             "stopped_at": self.stopped_at,
+            **({"measurements": dict(self.measurements)} if self.measurements else {}),
         }
 
     @classmethod
@@ -131,4 +135,5 @@ class IterationResult:
                    violations=tuple(Violation.from_json(v) for v in d.get("violations", ())),
                    timings=tuple(StepTiming(**t) for t in d.get("timings", ())),
                    artifacts=dict(d.get("artifacts") or {}), error=d.get("error"),
-                   stopped_at=d.get("stopped_at"), attempt=d.get("attempt"))
+                   stopped_at=d.get("stopped_at"), attempt=d.get("attempt"),
+                   measurements={str(k): float(v) for k, v in (d.get("measurements") or {}).items()})

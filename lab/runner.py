@@ -46,15 +46,15 @@ from lab.rules.base import Limits, RuleContext
 from lab.rundir import RunDir
 from lab.scenario.overrides import Overrides
 from lab.scenario import (AssertAudio, AssertCount, AssertNoKind, AssertRule, Guest, Iteration,
-                          Jitter, Module, Parallel, Pause, Plug, RebalanceCpuHotplug, RebalancePressure,
+                          Jitter, Module, Parallel, Pause, Play, Plug, RebalanceCpuHotplug, RebalancePressure,
                           RebalanceReconfigure, RebalanceRescan, RebalanceResize, Resume, Scenario,
-                          Sleep, Step, Unplug, WaitEvent, WaitGuest, WaitJob, WaitQmp)
+                          Sleep, Step, Unplug, WaitEvent, WaitGuest, WaitJob, WaitPcm, WaitQmp)
 from lab.timeline import Timeline, device_matches
 from vdevice.topology import Device, HotplugMode, Placement, Topology
 
 DEFAULT_WAIT_S = 20.0
-GUEST_RULES_LINUX = ("linux-driver", "kernel-oops", "bugcheck")
-GUEST_RULES_WINDOWS = ("windows-pnp", "bugcheck")
+GUEST_RULES_LINUX = ("linux-driver", "kernel-oops", "bugcheck", "audio")
+GUEST_RULES_WINDOWS = ("windows-pnp", "bugcheck", "audio")
 #: per iteration: the rules the run applied and their context (see lab.inspect)
 RULES_FILE = "rules.json"
 
@@ -86,6 +86,7 @@ class IterationState:
     dir: Path
     started_ns: int
     jobs: dict[str, Job] = field(default_factory=dict)
+    players: set[str] = field(default_factory=set)      # `play` jobs, stopped at the end
     watchers: list[threading.Thread] = field(default_factory=list)
     watcher_errors: list[str] = field(default_factory=list)
     timings: list[StepTiming] = field(default_factory=list)
@@ -129,8 +130,9 @@ class ScenarioRunner:
         self.machine: Machine | None = None
         self.results: list[IterationResult] = []
         self.audio = audio if audio is not None else any(
-            isinstance(s, AssertAudio) for k in self.indices[:1]
+            isinstance(s, (AssertAudio, Play)) for k in self.indices[:1]
             for s in _walk(self.sweep.iteration(k).steps))
+        self._signals: dict[tuple[int, str], str] = {}   # (machine, file) -> guest path
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.machine_count = 0
         self._bounds: dict[int | str, int] = {}
@@ -378,7 +380,26 @@ class ScenarioRunner:
                                status=status, violations=tuple(violations),
                                timings=tuple(st.timings) if st else (), artifacts=artifacts,
                                error=error, stopped_at=stopped_at if status != Status.PASSED
-                               else None, attempt=attempt)
+                               else None, attempt=attempt,
+                               measurements=self._audio_measurements(st, it_dir, artifacts))
+
+    def _audio_measurements(self, st: IterationState | None, it_dir: Path,
+                            artifacts: dict[str, str]) -> dict[str, float]:
+        """What the host heard in this iteration, as numbers for the reports (and the
+        analysis in iterations/K/audio.json)."""
+        audio = st.obs.audio if st is not None else None
+        if audio is None:
+            return {}
+        s = audio.summary
+        (it_dir / "audio.json").write_text(json.dumps(
+            {"capture": str(st.obs.m.audio_path) if st.obs.m.audio_path else None,
+             "summary": s.to_json()}, indent=2, default=str) + "\n", encoding="utf-8")
+        artifacts["audio"] = f"{artifacts['dir']}/audio.json"
+        out = {"audio_streams": float(s.streams), "audio_longest_gap_ms": s.longest_gap_ms,
+               "audio_discontinuities": float(s.discontinuities)}
+        if s.outages_ms:
+            out["audio_outage_ms"] = s.longest_outage_ms
+        return out
 
     def _final_rules(self, tl: Timeline, it_dir: Path | None = None) -> list[Violation]:
         default = GUEST_RULES_LINUX if self.guest.os == "linux" else GUEST_RULES_WINDOWS
@@ -406,9 +427,12 @@ class ScenarioRunner:
                 model = MODELS.get(drv)
                 if model and model.linux_driver:
                     drivers[model.linux_driver] = e.device.qom
+        # cold devices were bound by the guest at boot, before any tracing began: their
+        # first remove in an iteration is no remove without probe
+        cold = frozenset(d.id for d in self.topology.devices if d.placement == Placement.COLD)
         return RuleContext.from_timeline(tl, devices=devices, drivers=drivers,
                                          limits=Limits.from_mapping(self.scenario.limits),
-                                         bound_at_start=frozenset())
+                                         bound_at_start=cold)
 
     def _keep_logs(self, it_dir: Path) -> None:
         m = self.machine
@@ -427,6 +451,16 @@ class ScenarioRunner:
                     pass
 
     def _end_jobs(self, st: IterationState) -> None:
+        m = self.machine
+        if st.players and m is not None and m.agent is not None:
+            # the window of audio the iteration is judged on ends here: the lab's own stop
+            # of the player is no outage
+            st.obs.audio_end_ns = time.time_ns()
+            try:
+                m.agent.run(self.guest.audio_player().stop_command(sorted(st.players)),
+                            timeout=10.0)
+            except LabError as exc:
+                self.run.log(f"stopping the audio player(s) failed: {exc}")
         for job in st.jobs.values():
             try:
                 job.chan.close()
@@ -506,6 +540,10 @@ class ScenarioRunner:
             return self._wait_guest(m, step)
         if isinstance(step, WaitJob):
             return self._wait_job(m, st, step)
+        if isinstance(step, WaitPcm):
+            return self._wait_pcm(m, step)
+        if isinstance(step, Play):
+            return self._play(m, st, step)
         if isinstance(step, (AssertRule, AssertNoKind, AssertCount, AssertAudio)):
             return self._assert(m, st, step)
         if isinstance(step, Parallel):
@@ -576,6 +614,68 @@ class ScenarioRunner:
                                 f"{(r.stderr or r.stdout).strip()[-200:]}")
             raise StepFailed(replace(v, phase=step.name) if step.name else v)
         return f"exit {r.exit_status}"
+
+    # ---- audio: play the lab's signal, wait for the PCM -----------------------------------
+    def _bdf(self, m: Machine, dev: str) -> str | None:
+        try:
+            return ops.device_bdf_from_qemu(m, dev) if m.qmp is not None else None
+        except LabError:
+            return None
+
+    def _signal(self, m: Machine, step: Play) -> str:
+        """The signal file in the guest: written and copied once per VM and variant."""
+        from lab.audio_player import signal_name, write_signal_file
+
+        assert m.agent is not None
+        player = self.guest.audio_player()
+        name = signal_name(step.seconds.seconds, step.fault, step.fault_at.seconds)
+        key = (id(m), name)
+        if key not in self._signals:
+            local = m.private / name
+            write_signal_file(local, step.seconds.seconds, step.fault, step.fault_at.seconds)
+            m.agent.run(player.prepare_command(), timeout=20.0).check()
+            remote = player.signal_path(name)
+            m.agent.put(local, remote)
+            local.unlink(missing_ok=True)
+            self._signals[key] = remote
+        return self._signals[key]
+
+    def _play(self, m: Machine, st: IterationState, step: Play) -> str:
+        assert m.agent is not None
+        if m.audio_path is None:
+            raise LabError(f"{step.where}: play needs the machine to capture audio")
+        signal = self._signal(m, step)
+        bdf = self._bdf(m, step.device)
+        command = self.guest.audio_player().play_command(step.name, signal, bdf)
+        old = st.jobs.pop(step.name, None)
+        if old is not None:
+            try:
+                old.chan.close()
+            except Exception:      # noqa: BLE001 - the old player's channel may be gone
+                pass
+        if st.obs.audio_device is None:
+            st.obs.audio_device = DeviceId(qom=step.device, bdf=bdf)
+        st.jobs[step.name] = Job(step.name, command, m.agent.open(command), False, time.time_ns())
+        st.players.add(step.name)
+        return f"{'restarted' if old else 'started'} {step.name} on {bdf or step.device}"
+
+    def _wait_pcm(self, m: Machine, step: WaitPcm) -> str:
+        """Poll until the device's playback PCM is there (what an audio service waits
+        for before reopening its stream)."""
+        assert m.agent is not None
+        timeout = step.timeout.seconds if step.timeout else DEFAULT_WAIT_S
+        end = time.monotonic() + timeout
+        while True:
+            bdf = self._bdf(m, step.pcm)
+            cmd = self.guest.audio_player().pcm_ready_command(bdf)
+            r = m.agent.run(cmd, timeout=max(1.0, min(10.0, end - time.monotonic())))
+            if r.ok:
+                return f"{step.pcm} PCM ready"
+            if time.monotonic() >= end:
+                raise StepFailed(Violation("wait.timeout", step.pcm, "wait",
+                                           f"{step.where}: the PCM of {step.pcm} did not "
+                                           f"appear within {timeout:.1f}s"))
+            time.sleep(0.05)
 
     def _wait_job(self, m: Machine, st: IterationState, step: WaitJob) -> str:
         assert m.agent is not None
@@ -719,25 +819,38 @@ class ScenarioRunner:
         raise LabError(f"{step.where}: unknown assert")
 
     def _assert_audio(self, m: Machine, st: IterationState, step: AssertAudio) -> str:
-        from lab import audio_analysis as aa
-
+        """The iteration's audio so far (its own capture window, not the VM's whole
+        file): gaps, discontinuities, outages and whether the stream is back."""
         if m.audio_path is None or not m.audio_path.exists():
             raise LabError(f"{step.where}: audio assert needs audio capture (the codec's "
                            "-audiodev wav); none was recorded")
-        result = aa.analyze(m.audio_path)
-        summ = result.summary
-        gap_ms = float(getattr(summ, "longest_gap_ms", 0.0) or 0.0)
-        disc = int(getattr(summ, "discontinuities", 0) or 0)
+        got = st.obs.audio_analysis()
+        if got is None:
+            raise LabError(f"{step.where}: audio assert needs a `play` step before it")
+        summ = got.summary
+        gap_ms, disc = summ.longest_gap_ms, summ.discontinuities
+        outage = summ.longest_outage_ms
         chk = step.audio
+        dev = st.obs.audio_device.label() if st.obs.audio_device else "audio"
         if chk.max_gap is not None and gap_ms > chk.max_gap.ms:
-            raise StepFailed(Violation("assert.audio", "audio", "assert",
+            raise StepFailed(Violation("assert.audio", dev, "assert",
                                        f"{step.where}: longest gap {gap_ms:.1f} ms > "
                                        f"{chk.max_gap.ms:.1f} ms"))
         if chk.max_discontinuities is not None and disc > chk.max_discontinuities:
-            raise StepFailed(Violation("assert.audio", "audio", "assert",
+            raise StepFailed(Violation("assert.audio", dev, "assert",
                                        f"{step.where}: {disc} discontinuities > "
                                        f"{chk.max_discontinuities}"))
-        return f"longest gap {gap_ms:.1f} ms, {disc} discontinuities"
+        if chk.max_outage is not None:
+            if not summ.resumed:
+                raise StepFailed(Violation("assert.audio", dev, "assert",
+                                           f"{step.where}: the stream stopped and is not "
+                                           "playing again"))
+            if outage > chk.max_outage.ms:
+                raise StepFailed(Violation("assert.audio", dev, "assert",
+                                           f"{step.where}: outage {outage:.1f} ms > "
+                                           f"{chk.max_outage.ms:.1f} ms"))
+        return (f"{summ.streams} stream(s), outage {outage:.1f} ms, longest gap "
+                f"{gap_ms:.1f} ms, {disc} discontinuities")
 
     def _parallel(self, m: Machine, st: IterationState, step: Parallel) -> str:
         errors: list[BaseException] = []

@@ -156,6 +156,13 @@ class RunConsole:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
+def fmt_measurement(stats: Mapping[str, float] | None) -> str:
+    if not stats:
+        return "-"
+    med, mx = stats["median"], stats["max"]
+    return f"{med:g}" if med == mx else f"{med:g} ({mx:g})"
+
+
 def summary_tables(summary: Summary, *, ascii_only: bool = False) -> list[Table]:
     """The end-of-run tables: per parameter value, and signatures with rates."""
     bx = box.ASCII if ascii_only else box.SIMPLE_HEAVY
@@ -163,21 +170,27 @@ def summary_tables(summary: Summary, *, ascii_only: bool = False) -> list[Table]
     for name, groups in summary.by_parameter.items():
         # a lab error is not a pass: when there are any, say how many next to "ran"
         errors = any(g.errors for g in groups)
-        t = Table(title=f"by {name}", box=bx, title_justify="left")
+        measured = sorted({m for g in groups for m in g.measurements})
+        t = Table(title=f"by {name}" + ("  (measured: median, max in parentheses)"
+                                        if measured else ""), box=bx, title_justify="left")
         t.add_column(name)
         t.add_column("ran", justify="right")
         t.add_column("failed", justify="right")
         if errors:
             t.add_column("lab error", justify="right")
         t.add_column("rate", justify="right")
+        # what the iterations measured (e.g. the audio outage): median, and max if it differs
+        for m in measured:
+            t.add_column(m, justify="right", no_wrap=True, min_width=len(m))
         t.add_column("signatures")
         for g in groups:
             sig = ", ".join(f"{s} x{n}" for s, n in g.signatures.items())
             cells = [fmt_value(g.values[name]), str(g.ran), str(g.failed)]
             if errors:
                 cells.append(str(g.errors))
-            t.add_row(*cells, f"{100 * g.failure_rate:.1f} %", sig or "-",
-                      style="red" if g.failed else None)
+            cells.append(f"{100 * g.failure_rate:.1f} %")
+            cells += [fmt_measurement(g.measurements.get(m)) for m in measured]
+            t.add_row(*cells, sig or "-", style="red" if g.failed else None)
         tables.append(t)
     if summary.signatures:
         t = Table(title="signatures", box=bx, title_justify="left")

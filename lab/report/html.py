@@ -30,7 +30,9 @@ import jinja2
 
 from lab import __version__
 from lab.events import Event, Kind, Source
-from lab.report.summary import Summary, fmt_params, fmt_rate, fmt_value, iteration_duration_s
+from lab.report.console import fmt_measurement
+from lab.report.summary import (GroupStats, Summary, fmt_params, fmt_rate, fmt_value,
+                                iteration_duration_s)
 from lab.report.summary import load_summary
 from lab.results import IterationResult, Status, Violation
 
@@ -101,21 +103,25 @@ SOURCE_ORDER = [Source.HOST_LAB, Source.HOST_QMP, Source.HOST_TRACE, Source.HOST
 
 KIND_GROUPS: list[tuple[str, str, tuple[Kind, ...]]] = [
     ("hot-plug / QMP", "#2563eb", (Kind.HOTPLUG_REQUEST, Kind.UNPLUG_REQUEST,
-                                   Kind.DEVICE_DELETED, Kind.QMP_EVENT, Kind.OPERATION)),
+                                   Kind.DEVICE_DELETED, Kind.QMP_EVENT, Kind.OPERATION,
+                                   Kind.SLOT_EVENT)),
     ("bind state", "#0d9488", (Kind.BOUND, Kind.UNBOUND)),
     ("driver calls", "#7c3aed", (Kind.PROBE_ENTER, Kind.PROBE_EXIT, Kind.REMOVE_ENTER,
                                  Kind.REMOVE_EXIT, Kind.CALL_ENTER, Kind.CALL_EXIT)),
     ("resources", "#ca8a04", (Kind.BAR_MAPPED, Kind.BAR_UNMAPPED, Kind.DECODE_ON,
                               Kind.DECODE_OFF, Kind.CONFIG_WRITE, Kind.PCI_SNAPSHOT,
                               Kind.RESOURCE_MOVED, Kind.RESOURCES_ASSIGNED,
+                              Kind.RESOURCE_UNASSIGNED, Kind.RESOURCE_RELEASED,
                               Kind.REBALANCE_START, Kind.REBALANCE_END)),
     ("Windows PnP", "#db2777", (Kind.QUERY_STOP, Kind.STOP, Kind.CANCEL_STOP, Kind.START,
                                 Kind.SURPRISE_REMOVAL, Kind.REMOVE, Kind.QUERY_REMOVE,
-                                Kind.CANCEL_REMOVE, Kind.PROBLEM)),
+                                Kind.CANCEL_REMOVE, Kind.PROBLEM, Kind.DEVICE_STATE)),
+    # what the host heard: stream start, stop, resume (span = the outage), gaps, glitches
+    ("audio", "#0891b2", (Kind.AUDIO_START, Kind.AUDIO_STOP, Kind.AUDIO_RESUMED,
+                          Kind.AUDIO_GAP, Kind.AUDIO_DISCONTINUITY)),
     ("driver I/O", "#16a34a", (Kind.DRIVER_IO,)),
     ("VM state", "#475569", (Kind.PAUSE, Kind.RESUME)),
-    ("alarms", "#e11d48", (Kind.KERNEL_OOPS, Kind.GUEST_PANICKED, Kind.AUDIO_GAP,
-                           Kind.AUDIO_DISCONTINUITY)),
+    ("alarms", "#e11d48", (Kind.KERNEL_OOPS, Kind.GUEST_PANICKED)),
     ("logs", "#94a3b8", (Kind.KERNEL_LOG, Kind.UEVENT, Kind.SETUPAPI_SECTION)),
 ]
 _KIND_COLOR = {k: (name, color) for name, color, kinds in KIND_GROUPS for k in kinds}
@@ -196,6 +202,19 @@ class TimelineView:
     caption: str = ""
 
 
+#: kinds whose duration ends at the event (a handler's exit, a stream's resume after its
+#: outage); every other event's duration starts at it
+ENDS_AT_EVENT = frozenset({Kind.PROBE_EXIT, Kind.REMOVE_EXIT, Kind.CALL_EXIT,
+                           Kind.AUDIO_RESUMED})
+
+
+def span_of(e: Event) -> tuple[int, int]:
+    """The host-time interval an event with a duration covers."""
+    d = e.duration_ns or 0
+    return (e.t_host_ns - d, e.t_host_ns) if e.kind in ENDS_AT_EVENT else (e.t_host_ns,
+                                                                           e.t_host_ns + d)
+
+
 def _nice_step(span: float, target: int = 8) -> float:
     raw = span / target
     mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
@@ -256,8 +275,7 @@ def layout_timeline(result: IterationResult, events: Sequence[Event], *,
     """
     plot_l, plot_r = LABEL_W, width - PAD_R
     plot_w = plot_r - plot_l
-    times = [e.t_host_ns for e in events] + \
-        [e.t_host_ns + (e.duration_ns or 0) for e in events] + \
+    times = [t for e in events for t in span_of(e)] + \
         [t.started_ns for t in result.timings] + \
         [t.started_ns + t.duration_ns for t in result.timings] + \
         [ref.t_host_ns for v in result.violations for ref in v.events]
@@ -286,7 +304,7 @@ def layout_timeline(result: IterationResult, events: Sequence[Event], *,
         return x0, max(x1 - x0, 2.0)
 
     shown_events = [e for e in events if inside(e.t_host_ns) or
-                    (e.duration_ns and clip(e.t_host_ns, e.t_host_ns + e.duration_ns))]
+                    (e.duration_ns and clip(*span_of(e)))]
     sources_present = {e.source for e in (shown_events if window else events)} | \
         {Source(ref.source) for v in result.violations for ref in v.events
          if ref.source in Source._value2member_map_}
@@ -336,7 +354,7 @@ def layout_timeline(result: IterationResult, events: Sequence[Event], *,
             used_groups[group] = color
             title = _event_title(e, int(t0))
             if e.duration_ns:
-                c = clip(e.t_host_ns, e.t_host_ns + e.duration_ns)
+                c = clip(*span_of(e))
                 if c is not None:
                     view.spans.append(Span(c[0], y + 9, c[1], LANE_H - 18, color, title))
             if inside(e.t_host_ns):
@@ -480,6 +498,7 @@ def render_report(summary: Summary, timelines: Mapping[int | str, Sequence[Event
         sigs = sorted({str(v.signature) for v in r.violations})
         dur = iteration_duration_s(r)
         rows.append({"r": r, "params": fmt_params(r.parameters), "signatures": sigs,
+                     "measured": ", ".join(f"{k} {v:g}" for k, v in sorted(r.measurements.items())),
                      "duration": f"{dur:.2f} s" if dur is not None else "",
                      "has_picture": r.key in timelines,
                      "note": r.error or (r.stopped_at if r.status == Status.SKIPPED else "")
@@ -495,8 +514,11 @@ def render_report(summary: Summary, timelines: Mapping[int | str, Sequence[Event
         "signatures": [{"s": s, "rate": fmt_rate(s.count, s.ran), "pct": 100 * s.rate}
                        for s in summary.signatures],
         "by_parameter": {k: [{"g": g, "value": fmt_value(g.values[k]),
-                              "rate": fmt_rate(g.failed, g.ran), "pct": 100 * g.failure_rate}
+                              "rate": fmt_rate(g.failed, g.ran), "pct": 100 * g.failure_rate,
+                              "measured": [(m, fmt_measurement(g.measurements.get(m)))
+                                           for m in _measured(v)]}
                              for g in v] for k, v in summary.by_parameter.items()},
+        "measured_names": {k: _measured(v) for k, v in summary.by_parameter.items()},
         "run_artifacts": [(a, safe_href(a)) for a in run_artifacts if safe_href(a)],
         "versions": sorted(run.versions.items()),
         "generated_at": generated_at or datetime.now(timezone.utc).strftime(
@@ -505,6 +527,10 @@ def render_report(summary: Summary, timelines: Mapping[int | str, Sequence[Event
         "counts": summary.counts,
     }
     return _env().get_template("report.html.j2").render(**ctx)
+
+
+def _measured(groups: Sequence[GroupStats]) -> list[str]:
+    return sorted({m for g in groups for m in g.measurements})
 
 
 def _artifact_links(r: IterationResult) -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@ error, so "failed" outranks "error"; a run in which no iteration ran is an error
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -120,6 +121,8 @@ class GroupStats:
     skipped: int
     interrupted: int
     signatures: Mapping[str, int]
+    # per measurement name: n, min, median, max over the group's iterations
+    measurements: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     @property
     def ran(self) -> int:
@@ -133,6 +136,7 @@ class GroupStats:
         d = asdict(self)
         d["values"] = dict(self.values)
         d["signatures"] = dict(self.signatures)
+        d["measurements"] = {k: dict(v) for k, v in self.measurements.items()}
         d["ran"] = self.ran
         d["failure_rate"] = round(self.failure_rate, 6)
         d["rate_text"] = fmt_rate(self.failed, self.ran)
@@ -142,7 +146,8 @@ class GroupStats:
     def from_json(cls, d: Mapping[str, Any]) -> GroupStats:
         return cls(values=dict(d["values"]), iterations=d["iterations"], passed=d["passed"],
                    failed=d["failed"], errors=d["errors"], skipped=d["skipped"],
-                   interrupted=d.get("interrupted", 0), signatures=dict(d["signatures"]))
+                   interrupted=d.get("interrupted", 0), signatures=dict(d["signatures"]),
+                   measurements={k: dict(v) for k, v in (d.get("measurements") or {}).items()})
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,17 @@ def group_parameters(info: RunInfo, results: Sequence[IterationResult]) -> list[
     return out
 
 
+def measurement_stats(rs: Sequence[IterationResult]) -> dict[str, dict[str, float]]:
+    """n, min, median and max of each measurement the iterations carry."""
+    values: dict[str, list[float]] = {}
+    for r in rs:
+        for k, v in r.measurements.items():
+            values.setdefault(k, []).append(float(v))
+    return {k: {"n": float(len(v)), "min": round(min(v), 3),
+                "median": round(statistics.median(v), 3), "max": round(max(v), 3)}
+            for k, v in sorted(values.items())}
+
+
 def _group(values: Mapping[str, Any], rs: Sequence[IterationResult]) -> GroupStats:
     sigs: dict[str, int] = {}
     for r in rs:
@@ -289,7 +305,8 @@ def _group(values: Mapping[str, Any], rs: Sequence[IterationResult]) -> GroupSta
                       errors=sum(r.status == Status.ERROR for r in rs),
                       skipped=sum(r.status == Status.SKIPPED for r in rs),
                       interrupted=sum(r.status == Status.INTERRUPTED for r in rs),
-                      signatures=dict(sorted(sigs.items(), key=lambda kv: (-kv[1], kv[0]))))
+                      signatures=dict(sorted(sigs.items(), key=lambda kv: (-kv[1], kv[0]))),
+                      measurements=measurement_stats(rs))
 
 
 def build_summary(info: RunInfo, results: Iterable[IterationResult]) -> Summary:

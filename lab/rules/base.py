@@ -41,6 +41,9 @@ class Limits:
     cancel_stop_max_ms: float = 100.0
     unbound_decode_max_ms: float = 500.0
     remove_max_ms: float = 2000.0
+    audio_max_gap_ms: float = 20.0
+    audio_max_discontinuities: float = 0.0
+    audio_max_outage_ms: float | None = None     # None: the outage is measured, not judged
 
     @classmethod
     def from_mapping(cls, d: Mapping[str, Any] | None) -> Limits:
@@ -51,7 +54,7 @@ class Limits:
         if unknown:
             raise ConfigError(f"unknown rule limit(s) {', '.join(unknown)}; "
                               f"known: {', '.join(sorted(known))}")
-        return cls(**{k: float(v) for k, v in d.items()})
+        return cls(**{k: (None if v is None else float(v)) for k, v in d.items()})
 
 
 @dataclass(frozen=True)

@@ -18,20 +18,20 @@ from lab.scenario.model import (GuestSpec, Scenario, ScenarioFile, TopologyLike,
 from lab.scenario.params import ChoiceParam, GridParam, Param, RandomParam
 from lab.scenario.steps import (AssertAudio, AssertBase, AssertCount, AssertNoKind, AssertRule,
                                 AudioCheck, Branch, CountCheck, Guest, Jitter, Module, Parallel, Pause,
-                                Plug, RebalanceBase, RebalanceCpuHotplug, RebalancePressure,
+                                Play, Plug, RebalanceBase, RebalanceCpuHotplug, RebalancePressure,
                                 RebalanceReconfigure, RebalanceRescan, RebalanceResize, Resume,
                                 Sleep, Step, StepBase, Unplug, WaitBase, WaitEvent, WaitGuest,
-                                WaitJob, WaitQmp, walk)
+                                WaitJob, WaitPcm, WaitQmp, walk)
 from lab.scenario.sweep import Iteration, Sweep, derive_seed
 from lab.scenario.units import Duration
 
 __all__ = [
     "AssertAudio", "AssertBase", "AssertCount", "AssertNoKind", "AssertRule", "AudioCheck",
     "Branch", "ChoiceParam", "CountCheck", "Duration", "GridParam", "Guest", "GuestSpec",
-    "Iteration", "Jitter", "Module", "Parallel", "Param", "Pause", "Plug", "RandomParam",
+    "Iteration", "Jitter", "Module", "Parallel", "Param", "Pause", "Play", "Plug", "RandomParam",
     "RebalanceBase", "RebalanceCpuHotplug", "RebalancePressure", "RebalanceReconfigure",
     "RebalanceRescan", "RebalanceResize", "Resume", "Scenario", "ScenarioFile", "Sleep", "Step",
     "StepBase", "Sweep", "TopologyLike", "TopologyRef", "TopologyResolver", "Unplug", "Until",
-    "WaitBase", "WaitEvent", "WaitGuest", "WaitJob", "WaitQmp", "derive_seed",
+    "WaitBase", "WaitEvent", "WaitGuest", "WaitJob", "WaitPcm", "WaitQmp", "derive_seed",
     "representative_combinations", "validate_file", "validate_text", "walk",
 ]

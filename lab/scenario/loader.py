@@ -28,9 +28,9 @@ from lab.scenario.model import (ScenarioFile, Scenario, TopologyLike, TopologyRe
 from lab.scenario.params import (Param, Scalar, check_refs, find_refs, format_value,
                                  parse_parameters, substitute)
 from lab.scenario.steps import (AssertCount, AssertNoKind, AssertRule, Guest, Module,
-                                ParseContext, Parallel, Plug, RebalanceBase,
+                                ParseContext, Parallel, Play, Plug, RebalanceBase,
                                 RebalanceCpuHotplug, RebalancePressure, RebalanceRescan, Step,
-                                Unplug, WaitEvent, WaitJob, WaitQmp, check_known_rule,
+                                Unplug, WaitEvent, WaitJob, WaitPcm, WaitQmp, check_known_rule,
                                 parse_step, walk)
 from vdevice.errors import SpecError
 from vdevice.yamlsrc import Located, YamlPath, load, unknown, validate
@@ -414,6 +414,14 @@ class _RefChecker:
                                     f"({first})", self._fp(s, "name"))
                 self.job_names[s.name] = s.path
                 st.jobs.add(s.name)
+        elif isinstance(s, Play):
+            self._present(s.device, st, self._fp(s, "device"), "play")
+            # a player is a background job: `wait: {job: NAME}` waits for it; playing a
+            # name again restarts it, so a second `play` of one name is not a clash
+            self.job_names.setdefault(s.name, s.path)
+            st.jobs.add(s.name)
+        elif isinstance(s, WaitPcm):
+            self._present(s.pcm, st, self._fp(s, "pcm"), "wait for its PCM")
         elif isinstance(s, WaitJob):
             if s.job not in st.jobs:
                 started = self.job_names.get(s.job)

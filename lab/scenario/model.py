@@ -145,7 +145,8 @@ class ScenarioFile(Spec):
 #: Typo guard used when the rules engine's list of limits is not available (see
 #: ``parse_limits``): a key close to one of these but not equal is refused.
 KNOWN_LIMITS = ("query_stop_max_ms", "cancel_stop_max_ms", "unbound_decode_max_ms",
-                "remove_max_ms")
+                "remove_max_ms", "audio_max_gap_ms", "audio_max_discontinuities",
+                "audio_max_outage_ms")
 _LIMIT_KEY_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

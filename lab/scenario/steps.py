@@ -474,8 +474,56 @@ class WaitJob(WaitBase):
         return f"wait job {self.job}"
 
 
+class WaitPcm(WaitBase):
+    """Wait until the device's playback PCM exists in the guest again: the driver is
+    bound and its sound card registered (after a hot-plug or a rebalance), which is
+    when an audio service would reopen its stream."""
+
+    pcm: Id
+    timeout: Duration | None = None
+
+    def describe(self) -> str:
+        return f"wait pcm {self.pcm}"
+
+
 WAIT_KINDS: dict[str, type[WaitBase]] = {"event": WaitEvent, "qmp": WaitQmp,
-                                         "guest": WaitGuest, "job": WaitJob}
+                                         "guest": WaitGuest, "job": WaitJob, "pcm": WaitPcm}
+
+#: planted faults of the player (``play: {fault: ...}``): the signal file the guest plays
+#: is edited, so the host's analysis must find exactly this
+PLAY_FAULTS = ("none", "drop-100ms", "repeat-buffer")
+
+
+class Play(StepBase):
+    """Play the lab's counter signal on a device's PCM, in the background.
+
+    The lab writes the signal (lab.audio_analysis), copies it into the guest once per
+    VM and plays it bit-exact (no resampling, no mixer) so that the host can check every
+    frame QEMU captured. A ``play`` of a name that is already playing restarts it (an
+    audio service reopening its stream after the device came back). ``fault`` plants a
+    glitch in what is played, after ``fault_at`` into the stream, to show that the
+    analysis finds one: ``drop-100ms`` skips 4410 frames, ``repeat-buffer`` plays 1024
+    frames twice.
+    """
+
+    step_type: ClassVar[str] = "play"
+    device: Id
+    name: Name = "player"
+    seconds: Duration = Duration(30_000_000_000)
+    fault: Literal["none", "drop-100ms", "repeat-buffer"] = "none"
+    fault_at: Duration = Duration(1_000_000_000)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Play:
+        if not 0 < self.seconds.ns <= 600_000_000_000:
+            raise ValueError("seconds must be more than 0 and at most 10 minutes")
+        if self.fault != "none" and self.fault_at.ns >= self.seconds.ns:
+            raise ValueError("fault_at must be inside the stream (less than seconds)")
+        return self
+
+    def describe(self) -> str:
+        fault = f" fault={self.fault}" if self.fault != "none" else ""
+        return f"play [{self.name}] {self.device}{fault}"
 
 
 # ---- asserts -----------------------------------------------------------------------------
@@ -523,18 +571,22 @@ class AssertNoKind(AssertBase):
 class AudioCheck(Spec):
     max_gap: Duration | None = None
     max_discontinuities: Int | None = None
+    max_outage: Duration | None = None        # the stream must come back within this
 
     @model_validator(mode="after")
     def _any(self) -> AudioCheck:
-        if self.max_gap is None and self.max_discontinuities is None:
-            raise ValueError("audio needs max_gap (or max_gap_ms) and/or max_discontinuities")
+        if self.max_gap is None and self.max_discontinuities is None and self.max_outage is None:
+            raise ValueError("audio needs max_gap (or max_gap_ms), max_discontinuities and/or "
+                             "max_outage")
         if self.max_discontinuities is not None and self.max_discontinuities < 0:
             raise ValueError("max_discontinuities must be >= 0")
         return self
 
 
 class AssertAudio(AssertBase):
-    """The captured audio so far has no gap longer than ``max_gap``."""
+    """The iteration's captured audio so far: no gap longer than ``max_gap``, at most
+    ``max_discontinuities`` drops/repeats, every outage (stream stopped -> resumed)
+    shorter than ``max_outage`` and the stream playing again."""
 
     audio: AudioCheck
 
@@ -610,9 +662,9 @@ class Parallel(StepBase):
 
 
 Step = Union[Plug, Unplug, RebalancePressure, RebalanceRescan, RebalanceCpuHotplug,
-             RebalanceReconfigure, RebalanceResize, Guest, Module, Sleep, Jitter, Pause, Resume,
-             WaitEvent, WaitQmp, WaitGuest, WaitJob, AssertRule, AssertNoKind, AssertAudio,
-             AssertCount, Parallel]
+             RebalanceReconfigure, RebalanceResize, Guest, Module, Play, Sleep, Jitter, Pause,
+             Resume, WaitEvent, WaitQmp, WaitGuest, WaitJob, WaitPcm, AssertRule, AssertNoKind,
+             AssertAudio, AssertCount, Parallel]
 
 
 # ---- parsing -----------------------------------------------------------------------------
@@ -806,6 +858,7 @@ STEP_TYPES: dict[str, Callable[[Located, YamlPath, ParseContext], Step]] = {
     "rebalance": _parse_rebalance,
     "guest": _parse_guest,
     "module": _simple(Module, "name"),
+    "play": _simple(Play, "device"),
     "sleep": _parse_sleep,
     "jitter": _parse_jitter,
     "wait": _parse_wait,
