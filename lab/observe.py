@@ -208,7 +208,7 @@ class Observation:
         """The capture window of this observation analysed: from its start to now, or to
         the moment the lab stopped the players (so the lab's own stop is no outage).
         None when nothing was played in it."""
-        path = self.m.audio_path
+        path = getattr(self.m, "audio_path", None)
         if self.audio_watch is None or self.audio_device is None or path is None:
             return None
         pts = self.audio_watch.stop() if final else self.audio_watch.checkpoints()
