@@ -955,6 +955,20 @@ def _continue(pend: _Pending, text: str) -> None:
         pend.info.kind = Kind.KERNEL_OOPS
 
 
+def _line_meta(data: dict[str, Any], p: LineParts, display: str, lineno: int) -> None:
+    """What the line's prefix said besides the time: level, facility, caller, prefix;
+    and where the evidence is."""
+    if p.level is not None:
+        data["level"] = p.level
+        if p.facility is not None:
+            data["facility"] = p.facility
+    if p.caller is not None:
+        data["caller"] = p.caller
+    if p.prefix is not None:
+        data["prefix"] = p.prefix
+    data["at"] = f"{display}:{lineno}"
+
+
 def _start(st: _State, lineno: int, p: LineParts, info: MessageInfo, tally: Tally) -> _Pending:
     """Time a new record (in the file's clock) and put its stamps' extras in its data."""
     data = info.data
@@ -968,15 +982,7 @@ def _start(st: _State, lineno: int, p: LineParts, info: MessageInfo, tally: Tall
         st.last_boot_ns = st.last_t = t0
         st.boot_records += 1
         data["boot"] = st.boot
-        if p.level is not None:
-            data["level"] = p.level
-            if p.facility is not None:
-                data["facility"] = p.facility
-        if p.caller is not None:
-            data["caller"] = p.caller
-        if p.prefix is not None:
-            data["prefix"] = p.prefix
-        data["at"] = f"{st.display}:{lineno}"
+        _line_meta(data, p, st.display, lineno)
         return _Pending(lineno, info, t0, p.indent, p.kmsg)
     flags: list[str] = list(p.flags) if p.flags else []
     year: int | None = None
@@ -1011,15 +1017,7 @@ def _start(st: _State, lineno: int, p: LineParts, info: MessageInfo, tally: Tall
                           f"({st.clock}); such lines are ordered as untimed")
     else:
         st.last_t = t
-    if p.level is not None:
-        data["level"] = p.level
-        if p.facility is not None:
-            data["facility"] = p.facility
-    if p.caller is not None:
-        data["caller"] = p.caller
-    if p.prefix is not None:
-        data["prefix"] = p.prefix
-    data["at"] = f"{st.display}:{lineno}"
+    _line_meta(data, p, st.display, lineno)
     if flags:
         data["flags"] = sorted(set(flags))
     return _Pending(lineno, info, t, p.indent, p.kmsg)

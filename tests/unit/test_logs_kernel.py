@@ -23,6 +23,7 @@ from lab.logs.base import LogFormatError, LogInput, Tally
 from lab.logs.kernel import (PARSERS, classify_message, parse_resource, slot_event_name,
                              split_line)
 from lab.tracers.kernel_log import ConsoleStats, events_from_console
+from tests.unit.log_parsing import parse_checked, write_input
 
 DATA = Path(__file__).parent / "data" / "logs" / "kernel"
 PARSER = PARSERS[0]
@@ -31,21 +32,12 @@ RESOURCE_KINDS = (Kind.RESOURCES_ASSIGNED, Kind.RESOURCE_UNASSIGNED, Kind.RESOUR
 
 
 def run(path: Path) -> tuple[list[Event], Tally]:
-    inp = LogInput(path)
-    tally = Tally(str(path), PARSER.name)
-    events = list(PARSER.parse(inp, tally))
-    assert tally.balanced, tally.to_json()
-    assert tally.events == len(events)
-    for ev in events:
-        well_formed(ev)
-    return events, tally
+    return parse_checked(PARSER, path, lambda ev, _: well_formed(ev))
 
 
 def run_text(tmp: Path, text: str, name: str = "in.log",
              encoding: str = "utf-8") -> tuple[list[Event], Tally]:
-    p = tmp / name
-    p.write_bytes(text.encode(encoding))
-    return run(p)
+    return run(write_input(tmp, text, name, encoding))
 
 
 def well_formed(ev: Event) -> None:

@@ -18,26 +18,18 @@ from hypothesis import strategies as st
 from lab.events import Event, Kind, Source
 from lab.logs.base import LogFormatError, LogInput, Tally
 from lab.logs.pnputil import (PARSER, PARSERS, normalise_ntstatus, parse_problem_code)
+from tests.unit.log_parsing import parse_checked, write_input
 
 DATA = Path(__file__).parent / "data" / "logs" / "pnputil"
 
 
 def run(path: Path) -> tuple[list[Event], Tally]:
-    inp = LogInput(path)
-    tally = Tally(str(path), "pnputil")
-    events = list(PARSER.parse(inp, tally))
-    assert tally.balanced, tally.to_json()
-    assert tally.events == len(events)
-    for ev in events:
-        well_formed(ev)
-    return events, tally
+    return parse_checked(PARSER, path, lambda ev, _: well_formed(ev), "pnputil")
 
 
 def run_text(tmp: Path, text: str, name: str = "in.txt",
              encoding: str = "utf-8") -> tuple[list[Event], Tally]:
-    p = tmp / name
-    p.write_bytes(text.encode(encoding))
-    return run(p)
+    return run(write_input(tmp, text, name, encoding))
 
 
 def well_formed(ev: Event) -> None:

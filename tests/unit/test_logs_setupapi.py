@@ -24,6 +24,7 @@ from lab.logs.base import MAX_LINE_CHARS, LogFormatError, LogInput, Tally
 from lab.logs.setupapi import (MAX_BODY_LINES, PARSER, PARSERS, instance_in, looks_like_instance_id,
                                package_in, parse, parse_timestamp, problem_in, split_quote)
 from lab.tracers.windows import setupapi as tracer_setupapi
+from tests.unit.log_parsing import parse_checked, write_input
 
 DATA = Path(__file__).parent / "data" / "logs" / "setupapi"
 HANDMADE = Path(__file__).parent / "data" / "windows" / "setupapi.dev.log"
@@ -55,22 +56,14 @@ def well_formed(ev: Event, display: str | None = None) -> None:
 
 
 def run(path: Path) -> tuple[list[Event], Tally]:
-    inp = LogInput(path)
-    tally = Tally(str(path), "?")
-    events = list(PARSER.parse(inp, tally))
-    assert tally.balanced, tally.to_json()
-    assert tally.events == len(events)
+    events, tally = parse_checked(PARSER, path, well_formed, "?")
     assert tally.clock == "local" and tally.format == "setupapi"
-    for ev in events:
-        well_formed(ev, str(path))
     return events, tally
 
 
 def run_text(tmp: Path, text: str, name: str = "in.log", encoding: str = "utf-8",
              bom: bytes = b"") -> tuple[list[Event], Tally]:
-    p = tmp / name
-    p.write_bytes(bom + text.encode(encoding))
-    return run(p)
+    return run(write_input(tmp, text, name, encoding, bom))
 
 
 def sections(events: list[Event]) -> list[Event]:

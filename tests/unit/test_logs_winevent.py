@@ -31,6 +31,8 @@ from lab.logs.winevent import (
     parse_iso,
 )
 from lab.tracers.windows import etw
+from lab.logs.base import LogParser
+from tests.unit.log_parsing import parse_checked
 
 DATA = Path(__file__).parent / "data" / "logs" / "winevent"
 LAB_DATA = Path(__file__).parent / "data" / "windows"
@@ -45,15 +47,8 @@ def ns(text: str, frac: str = "") -> int:
     return int(d.timestamp()) * 1_000_000_000 + int(frac.ljust(9, "0") or "0")
 
 
-def run(parser: object, path: Path) -> tuple[list[Event], Tally]:
-    inp = LogInput(path)
-    tally = Tally(str(path), getattr(parser, "name"))
-    events = list(getattr(parser, "parse")(inp, tally))
-    assert tally.balanced, tally.to_json()
-    assert tally.events == len(events)
-    for ev in events:
-        well_formed(ev, inp.display)
-    return events, tally
+def run(parser: LogParser, path: Path) -> tuple[list[Event], Tally]:
+    return parse_checked(parser, path, well_formed)
 
 
 def well_formed(ev: Event, display: str) -> None:
