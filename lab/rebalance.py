@@ -192,9 +192,14 @@ def rescan(m: Machine, dev_id: str, *, remove: str = "port") -> RebalanceReport:
     sh = m.agent.shell
     t0 = time.monotonic()
     if remove != "none":
-        m.agent.run(f"echo 1 > /sys/bus/pci/devices/{sh.quote(port_bdf)}/remove").check()
+        # idempotent by construction: a removed device has no `remove` file, so sending
+        # this again after a connection lost mid-command (dropbear 2022.83 drops sessions;
+        # the command may have run) finds it gone and succeeds, instead of failing the
+        # iteration with "nonexistent directory"
+        node = sh.quote(f"/sys/bus/pci/devices/{port_bdf}/remove")
+        m.agent.run(f"if [ -e {node} ]; then echo 1 > {node}; fi", idempotent=True).check()
     rep.durations_ms["remove"] = (time.monotonic() - t0) * 1e3
-    m.agent.run("echo 1 > /sys/bus/pci/rescan").check()
+    m.agent.run("echo 1 > /sys/bus/pci/rescan", idempotent=True).check()   # twice is harmless
     rep.durations_ms["rescan"] = (time.monotonic() - t0) * 1e3
     if model.linux_driver:
         bdf = poll(f"{dev_id} to reappear in query-pci after rescan", seconds("driver_bound"),
