@@ -45,7 +45,7 @@ from lab.rundir import RunDir
 from lab.windows.panic import panic_event
 from vdevice import topology as topo_mod
 from vdevice.inventory import QemuInventory
-from vdevice.topology import Topology
+from vdevice.topology import Topology, qemu_opts
 
 __all__ = ["Machine", "MachineState", "GuestPanicked", "free_port", "AUDIODEV_ID",
            "DEFAULT_TRACE_EVENTS"]
@@ -182,8 +182,11 @@ class Machine:
     def argv(self) -> list[str]:
         assert self.accel is not None and self.ssh_port is not None and self.private is not None
         art, priv = self.artifacts, self.private
-        audio = (f"wav,id={AUDIODEV_ID},path={topo_mod.qemu_opt(self.audio_path)}"
-                 if self.audio_path else f"none,id={AUDIODEV_ID}")
+        audio = (qemu_opts({"id": AUDIODEV_ID, "path": self.audio_path}, "wav")
+                 if self.audio_path else qemu_opts({"id": AUDIODEV_ID}, "none"))
+
+        def sock(name: str, path: Path) -> str:
+            return qemu_opts({"id": name, "path": path, "server": True, "wait": False}, "socket")
         guest = self.guest.qemu_args(self, self.boot_files or BootFiles())
         return [
             self.binary, "-name", f"rebalab,debug-threads=on", "-nodefaults", "-no-user-config",
@@ -191,14 +194,14 @@ class Machine:
             *self.accel.qemu_args(),
             *topo_mod.machine_args(self.topology, audiodev=AUDIODEV_ID),
             *guest.boot,
-            "-chardev", f"socket,id=qmp0,path={priv / 'qmp.sock'},server=on,wait=off",
+            "-chardev", sock("qmp0", priv / "qmp.sock"),
             "-mon", "chardev=qmp0,mode=control",
-            "-chardev", f"socket,id=con0,path={priv / 'console.sock'},server=on,wait=off",
+            "-chardev", sock("con0", priv / "console.sock"),
             "-serial", "chardev:con0",
-            "-chardev", f"socket,id=sync0,path={priv / 'sync.sock'},server=on,wait=off",
+            "-chardev", sock("sync0", priv / "sync.sock"),
             "-serial", "chardev:sync0",
             # ttyS2: guest trace stream (kprobes), independent of SSH and the network
-            "-chardev", f"socket,id=trace0,path={priv / 'trace.sock'},server=on,wait=off",
+            "-chardev", sock("trace0", priv / "trace.sock"),
             "-serial", "chardev:trace0",
             *guest.network,
             "-audiodev", audio,

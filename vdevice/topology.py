@@ -291,8 +291,19 @@ def qemu_opt(value: object) -> str:
     return s.replace(",", ",,")
 
 
+def qemu_opts(props: Mapping[str, object], head: str | None = None) -> str:
+    """``head,key=value,...`` for any QEMU option string (-device, -chardev, -drive,
+    -audiodev, -netdev ...), every value through ``qemu_opt``: the one encoder, so a
+    path with a comma (``$TMPDIR``, an ISO named ``win,snapshot=on``) stays one value
+    and can never add an option. Keys are the lab's own, never user input."""
+    for k in props:
+        if not k or "," in k or "=" in k:
+            raise ValueError(f"not a QEMU option key: {k!r}")
+    return ",".join(([head] if head else []) + [f"{k}={qemu_opt(v)}" for k, v in props.items()])
+
+
 def device_arg(driver: str, props: Mapping[str, object]) -> str:
-    return ",".join([driver] + [f"{k}={qemu_opt(v)}" for k, v in props.items()])
+    return qemu_opts(props, driver)
 
 
 def port_props(p: Port, bus: str) -> dict[str, object]:

@@ -57,6 +57,7 @@ from lab.windows.vmconfig import (
     verify_qemu_args,
 )
 from vdevice.inventory import QemuInventory
+from vdevice.topology import qemu_opt, qemu_opts
 
 PASSWORD_ENV = "REBALAB_WINDOWS_ADMIN_PASSWORD"
 PRODUCT_KEY_ENV = "REBALAB_WINDOWS_PRODUCT_KEY"
@@ -167,16 +168,19 @@ def install_argv(spec: WindowsImageSpec, qemu_binary: str, paths: InstallPaths) 
             "-machine", "q35", "-accel", "kvm", "-cpu", cpu_arg(),
             "-m", str(spec.memory_mb), "-smp", str(spec.smp),
             "-rtc", "base=utc,driftfix=slew", "-display", "none", "-device", "VGA",
-            "-qmp", f"unix:{paths.qmp_socket},server=on,wait=off", "-monitor", "none", "-serial", "none"]
+            "-qmp", "unix:" + qemu_opts({"server": True, "wait": False}, qemu_opt(paths.qmp_socket)),
+            "-monitor", "none", "-serial", "none"]
     argv += firmware_args(spec.firmware, spec.ovmf, spec.vars_file if spec.firmware == "uefi" else None)
     argv += disk_args(spec.partial, spec.bus, bootindex=0)
-    argv += ["-drive", f"file={spec.iso},media=cdrom,if=none,id=cd0,readonly=on",
+    argv += ["-drive", qemu_opts({"file": spec.iso, "media": "cdrom", "if": "none", "id": "cd0",
+                                  "readonly": True}),
              "-device", "ide-cd,drive=cd0,bus=ide.1,bootindex=1"]
     if spec.virtio_win is not None:
-        argv += ["-drive", f"file={spec.virtio_win},media=cdrom,if=none,id=cd1,readonly=on",
+        argv += ["-drive", qemu_opts({"file": spec.virtio_win, "media": "cdrom", "if": "none",
+                                      "id": "cd1", "readonly": True}),
                  "-device", "ide-cd,drive=cd1,bus=ide.2"]
     argv += ["-device", "qemu-xhci,id=xhci",
-             "-drive", f"file={paths.prov_image},format=raw,if=none,id=prov",
+             "-drive", qemu_opts({"file": paths.prov_image, "format": "raw", "if": "none", "id": "prov"}),
              "-device", "usb-storage,bus=xhci.0,drive=prov,removable=on"]
     net = "user,id=winnet" + ("" if spec.install_network else ",restrict=on")
     argv += ["-netdev", net, "-device", "e1000e,netdev=winnet"]

@@ -34,6 +34,7 @@ from typing import Literal
 
 from lab.errors import ConfigError, EnvironmentProblem
 from vdevice.inventory import QemuInventory
+from vdevice.topology import qemu_opts
 
 Firmware = Literal["uefi", "bios"]
 AgentKind = Literal["winrm", "ssh"]
@@ -71,7 +72,8 @@ def cpu_arg() -> str:
 def disk_args(image: Path, bus: DiskBus, *, drive_id: str = "windisk", bootindex: int | None = 0,
               fmt: str = "qcow2") -> list[str]:
     """The system disk; ``bus`` must be the one Windows was installed on."""
-    drive = f"file={image},format={fmt},if=none,id={drive_id},cache=writeback,discard=unmap"
+    drive = qemu_opts({"file": image, "format": fmt, "if": "none", "id": drive_id,
+                       "cache": "writeback", "discard": "unmap"})
     boot = f",bootindex={bootindex}" if bootindex is not None else ""
     if bus == "virtio":
         dev = f"virtio-blk-pci,drive={drive_id}{boot}"
@@ -89,8 +91,9 @@ def firmware_args(firmware: Firmware, ovmf: OvmfPaths, vars_file: Path | None) -
         raise ConfigError(f"firmware must be uefi or bios, not {firmware!r}")
     if vars_file is None:
         raise ConfigError("UEFI needs the image's own OVMF variable store (the .vars.fd next to it)")
-    return ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={ovmf.code}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}"]
+    return ["-drive", qemu_opts({"if": "pflash", "format": "raw", "unit": 0, "readonly": True,
+                                 "file": ovmf.code}),
+            "-drive", qemu_opts({"if": "pflash", "format": "raw", "unit": 1, "file": vars_file})]
 
 
 def network_args(agent: AgentKind, host_port: int, *, netdev_id: str = "winnet") -> list[str]:
