@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lab.privacy import child_env
 from lab.deadline import seconds
 from lab.image import GuestImage
 
@@ -78,7 +79,8 @@ def probe_kvm(binary: str, image: GuestImage, timeout: float) -> tuple[bool, str
                 "-kernel", str(image.kernel()), "-initrd", str(image.initrd),
                 "-append", image.cmdline, "-serial", f"file:{out}"]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+                                stderr=subprocess.PIPE, start_new_session=True,
+                                env=child_env())
         end = time.monotonic() + timeout
         try:
             while time.monotonic() < end:

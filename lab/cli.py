@@ -625,7 +625,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_LAB
         from lab.agent.winrm import install_redaction
+        from lab import privacy
         install_redaction()
+        privacy.redact_all_records()
+        privacy.private_umask()          # run directories 0700, files 0600
+        privacy.STARTUP_NOTES[:] = privacy.inherited_signal_notes()
         if getattr(args, "accel", None) == "auto":
             args.accel = None
         with graceful():

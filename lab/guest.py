@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import paramiko
 
 from lab import accel as accel_mod
+from lab.privacy import child_env
 from lab.accel import Accel
 from lab.agent.base import Agent
 from lab.agent.powershell import POWERSHELL, build_script
@@ -364,7 +365,7 @@ def probe_hyperv(binary: str, timeout: float = 20.0) -> frozenset[str] | None:
         r = subprocess.run([binary, "-machine", "none", "-accel", "kvm", "-nodefaults", "-no-user-config",
                             "-display", "none", "-S", "-qmp", "stdio"],
                            input="".join(json.dumps(c) + "\n" for c in cmds), capture_output=True,
-                           text=True, timeout=timeout, check=False)
+                           text=True, timeout=timeout, check=False, env=child_env())
     except (OSError, subprocess.TimeoutExpired):
         return None
     for line in r.stdout.splitlines():

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from lab.privacy import child_env
 from lab.errors import EnvironmentProblem
 from vdevice.inventory import QemuInventory
 
@@ -41,7 +42,7 @@ def find_binary(name: str = DEFAULT_BINARY) -> str:
 def _run(binary: str, *args: str) -> str:
     try:
         out = subprocess.run([binary, *args], capture_output=True, text=True, timeout=20,
-                             stdin=subprocess.DEVNULL, check=False)
+                             stdin=subprocess.DEVNULL, check=False, env=child_env())
     except subprocess.TimeoutExpired:
         raise EnvironmentProblem(f"{binary} {' '.join(args)} did not answer within 20 s") from None
     return out.stdout + out.stderr

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lab.privacy import child_env
 from lab.errors import QemuError
 
 PR_SET_PDEATHSIG = 1
@@ -44,7 +45,8 @@ class QemuProcess:
         try:
             self._proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
-                start_new_session=True, preexec_fn=_die_with_parent, close_fds=True)
+                start_new_session=True, preexec_fn=_die_with_parent, close_fds=True,
+                env=child_env())
         except OSError as exc:
             raise QemuError(f"could not start {self.argv[0]}: {exc}") from exc
         self._log(f"qemu started pid={self._proc.pid}")

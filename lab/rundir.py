@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.events import Event
+from lab.privacy import STARTUP_NOTES
 
 
 def _slug(name: str) -> str:
@@ -38,16 +39,23 @@ class RunDir:
                 path = Path(root) / f"{stamp}-{_slug(name)}-{n}"
         self.path = path
         self.path.mkdir(parents=True, exist_ok=True)
+        # guest output, QMP traffic and logs: the run's owner only, whatever the umask
+        self.path.chmod(0o700)
         self._lock = threading.Lock()
         self._log = open(self.path / "lab.log", "a", buffering=1, encoding="utf-8")
         self._events = open(self.path / "events.jsonl", "a", buffering=1, encoding="utf-8")
         self._seq = 0
         self.events: list[Event] = []   # the same events, in memory, for live waits
+        for note in STARTUP_NOTES:
+            self.log(note)
 
     # ---- logs -----------------------------------------------------------------------
     def log(self, message: str) -> None:
-        """One readable line per event, timestamped, in lab.log."""
-        line = f"{iso(time.time_ns())} {message}"
+        """One readable line per event, timestamped, in lab.log (redacted: a message may
+        quote a command or an error that carries a credential)."""
+        from lab.agent.winrm import REDACTOR
+
+        line = f"{iso(time.time_ns())} {REDACTOR.redact(message)}"
         with self._lock:
             if not self._log.closed:
                 self._log.write(line + "\n")

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from lab.privacy import child_env
 from lab.errors import ConfigError, DeadlineExceeded, EnvironmentProblem, LabError, QemuError
 from lab.windows import unattend
 from lab.windows.vmconfig import (
@@ -297,7 +298,8 @@ class FatMedia:
         with tempfile.TemporaryDirectory(prefix="rebalab-fat-") as tmp:
             dest = Path(tmp) / "out"
             r = subprocess.run(["mcopy", "-n", "-i", str(image), f"::/{name}", str(dest)],
-                               capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+                               capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
+                               env=child_env())
             if r.returncode != 0 or not dest.exists():
                 return None
             return dest.read_bytes()
@@ -306,7 +308,7 @@ class FatMedia:
 def _run(argv: Sequence[str], what: str) -> None:
     try:
         r = subprocess.run(list(argv), capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
-                           timeout=300)
+                           timeout=300, env=child_env())
     except FileNotFoundError:
         raise EnvironmentProblem(f"{argv[0]} not found: apt-get install "
                                  f"{HOST_TOOLS.get(argv[0], argv[0])}") from None
