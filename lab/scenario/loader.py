@@ -124,9 +124,9 @@ def validate_text(text: str, filename: str, resolve_topology: TopologyResolver, 
 
     guest = head.guest
     if guest.image:
-        guest = guest.model_copy(update={"image": str((base / guest.image).resolve())
-                                         if not Path(guest.image).is_absolute()
-                                         else guest.image})
+        where = located.at(("guest",)) if "guest" in located.data else located
+        image = inside_scenario_dir(base, guest.image, "the guest image", where)
+        guest = guest.model_copy(update={"image": str(image)})
 
     topo_ref, topo = _resolve_topology(located, head.topology, base, resolve_topology)
     _check_steps(located, params, topo, rules)
@@ -171,13 +171,28 @@ def _looks_like_path(ref: str) -> bool:
     return "/" in ref or "\\" in ref or ref.endswith((".yaml", ".yml"))
 
 
+def inside_scenario_dir(base: Path, raw: str, what: str, where: Located) -> Path:
+    """``raw`` resolved against the scenario's directory, which it must stay inside.
+
+    A scenario may come from someone else: were it free to name any host file, the lab
+    would read it (a topology: its content could end up in an error) or hand it to QEMU
+    (an image). Symlinks are resolved first, so a link out of the directory is refused
+    too. The error names the path as written, never anything read from it."""
+    root = base.resolve()
+    path = (root / raw).resolve()
+    if path != root and root not in path.parents:
+        raise where.error(f"{what} must be inside the scenario's directory ({root}); "
+                          f"{raw!r} is not: copy it next to the scenario")
+    return path
+
+
 def _resolve_topology(located: Located, raw: str | dict[str, Any], base: Path,
                       resolve: TopologyResolver) -> tuple[TopologyRef, TopologyLike]:
     where = located.at(("topology",)) if "topology" in located.data else located
     ref: TopologyRef
     if isinstance(raw, str):
         if _looks_like_path(raw):
-            path = (base / raw).resolve() if not Path(raw).is_absolute() else Path(raw)
+            path = inside_scenario_dir(base, raw, "a topology file", where)
             if not path.is_file():
                 raise where.error(f"topology file {raw!r} not found (looked for {path})")
             ref = path

@@ -347,7 +347,7 @@ def test_bad_files(path: Path) -> None:
     assert m[3] in e.bare_message, str(e)
 
 
-WINDOWS = ("name: w\ntopology: default\nguest: {os: windows, image: ../images/win.qcow2, "
+WINDOWS = ("name: w\ntopology: default\nguest: {os: windows, image: images/win.qcow2, "
            "agent: ssh}\nsteps:\n  - plug: {device: snd0, model: AC97, port: rp1}\n")
 
 
@@ -355,7 +355,27 @@ def test_windows_guest_long_form_resolves_the_image() -> None:
     sc = validate_text(WINDOWS + "  - rebalance: {trigger: cpu-hotplug}\n", str(DATA / "w.yaml"),
                        Resolver(), base_dir=DATA)
     assert sc.guest.os == "windows" and sc.guest.agent_kind == "ssh"
-    assert sc.guest.image == str((DATA / ".." / "images" / "win.qcow2").resolve())
+    assert sc.guest.image == str((DATA / "images" / "win.qcow2").resolve())
+
+
+@pytest.mark.parametrize("field,value", [
+    ("topology", "../topologies/x.yaml"), ("topology", "/etc/passwd.yaml"),
+    ("guest", "windows:../../images/win.qcow2"), ("guest", "windows:/dev/sda"),
+])
+def test_scenario_paths_stay_inside_its_directory(field: str, value: str) -> None:
+    """A scenario from someone else cannot make the lab read a host file (a topology
+    whose content would reach an error) or hand one to QEMU (an image)."""
+    text = f"name: t\n{field}: \"{value}\"\nsteps:\n  - sleep: 1ms\n"
+    with pytest.raises(SpecError, match="must be inside the scenario's directory") as ei:
+        validate_text(text, str(DATA / "t.yaml"), Resolver(), base_dir=DATA)
+    assert ei.value.line == 2 and "root:" not in str(ei.value)
+
+
+def test_a_symlink_out_of_the_scenario_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "topo.yaml").symlink_to("/etc/passwd")
+    with pytest.raises(SpecError, match="must be inside the scenario's directory"):
+        validate_text("name: t\ntopology: topo.yaml\nsteps:\n  - sleep: 1ms\n",
+                      str(tmp_path / "t.yaml"), Resolver(), base_dir=tmp_path)
 
 
 @pytest.mark.parametrize("step,needle", [
