@@ -154,7 +154,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     from lab.image import GuestImage
     from lab.machine import Machine
     from lab.rundir import RunDir, iso
-    from vdevice.catalog import get_model
+    from vdevice.catalog import check_user_props, get_model
     from vdevice.presets import default_topology
     from vdevice.sizes import bar_size
     from vdevice.topology import Device, Placement
@@ -165,6 +165,14 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     get_model(args.model, field="--model")
     if args.to:
         get_model(args.to, field="--to")
+    props: dict[str, str] = {}
+    for item in args.prop:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--prop {item!r}: expected KEY=VALUE (e.g. msi=off)")
+        props[key] = value
+    to_model = args.to or ("AC97" if args.model != "AC97" else "ES1370")
+    check_user_props(to_model, props, field="--prop")
     size = None if args.size in (None, "auto") else bar_size(args.size, field="--size")
     image = GuestImage.load()
     topo = replace(default_topology(mode[0], model=args.model), max_cpus=2)
@@ -181,8 +189,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
             if args.trigger == "pressure":
                 kw = {"size": size, "placement": args.placement}
             elif args.trigger == "reconfigure":
-                kw = {"model": args.to or ("AC97" if args.model != "AC97" else "ES1370"),
-                      "props": dict(p.split("=", 1) for p in args.prop)}
+                kw = {"model": to_model, "props": props}
             try:
                 rep = rb.run_trigger(m, args.trigger, "snd0", **kw)
             except rb.Unsupported as exc:

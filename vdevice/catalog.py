@@ -10,6 +10,8 @@ DEVICE_DELETED, HDA codecs cannot be hot-plugged. Availability is not assumed:
 from __future__ import annotations
 
 import difflib
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -111,6 +113,55 @@ MODELS: dict[str, DeviceModel] = {m.driver: m for m in (
     DeviceModel("edu", Role.TEST, "QEMU educational device (DMA engine, interrupts)", 0x1234,
                 0x11E8, "rebalab_testdrv", "rebalab_testdrv", bars=(Bar(0, "mem32", 0x100000),)),
 )}
+
+
+# ---- what a scenario may set on a device -------------------------------------------------
+
+#: properties a user legitimately varies, per model (besides what the lab derives from
+#: the scenario itself: id, bus, audiodev, membar from ``size``, memdev, the codec)
+USER_PROPS: dict[str, frozenset[str]] = {
+    "ich9-intel-hda": frozenset({"msi", "old_msi_addr"}),
+    "intel-hda": frozenset({"msi", "old_msi_addr"}),
+    "AC97": frozenset(), "ES1370": frozenset(), "virtio-sound-pci": frozenset({"vectors"}),
+    "hda-duplex": frozenset({"mixer", "use-timer"}),
+    "hda-output": frozenset({"mixer", "use-timer"}),
+    "hda-micro": frozenset({"mixer", "use-timer"}),
+    "pci-testdev": frozenset(), "ivshmem-plain": frozenset({"master"}),
+    "edu": frozenset({"dma_mask"}),
+}
+#: any PCI function: where it sits and whether it has a ROM BAR at all
+COMMON_PROPS = frozenset({"addr", "multifunction", "rombar", "x-pcie-lnksta-dllla"})
+#: never from a scenario, with the reason (file-typed properties make QEMU open a host
+#: file the guest can then read; the others are the lab's to set)
+REFUSED_PROPS: dict[str, str] = {
+    "romfile": "it names a host file QEMU would load as the device's option ROM, which the "
+               "guest can read",
+    "drive": "it attaches a host block device or file", "chardev": "it attaches a host "
+             "character device", "netdev": "it attaches a host network backend",
+    "memdev": "the lab sets it from the device's size", "audiodev": "the lab wires audio "
+              "to its own capture", "id": "it is the device's name in the scenario",
+    "bus": "it is the device's port in the scenario",
+}
+_PROP_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_prop_name(key: object, *, field: str | None = None) -> None:
+    """A name QEMU's option syntax takes as one key (no ',' or '=', no leading '-')."""
+    if not isinstance(key, str) or not _PROP_KEY.match(key):
+        raise SpecError(f"property name {key!r} is not one QEMU takes (letters, digits, "
+                        "'_', '.', '-')", field=field)
+
+
+def check_user_props(model: str, props: Iterable[str], *, field: str | None = None) -> None:
+    """Refuse a property a scenario may not set on ``model`` (SpecError naming it and why)."""
+    allowed = USER_PROPS.get(model, frozenset()) | COMMON_PROPS
+    for key in props:
+        check_prop_name(key, field=field)
+        if key in REFUSED_PROPS:
+            raise SpecError(f"property {key!r} is refused: {REFUSED_PROPS[key]}", field=field)
+        if key not in allowed:
+            raise SpecError(f"property {key!r} is not one the lab lets you set on {model}; "
+                            f"allowed: {', '.join(sorted(allowed))}", field=field)
 
 
 def get_model(name: str, *, field: str | None = None) -> DeviceModel:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from vdevice.catalog import DeviceModel, Role, get_model, unavailable_reason
+from vdevice.catalog import DeviceModel, Role, check_user_props, get_model, unavailable_reason
 from vdevice.errors import SpecError
 from vdevice.inventory import QemuInventory
 from vdevice.sizes import bar_size, fmt_size, parse_size
@@ -269,6 +269,7 @@ def validate(topo: Topology, inventory: QemuInventory | None = None) -> None:
         elif d.size is not None:
             raise SpecError(f"size is only meaningful for pressure devices, not {d.model}",
                             field=f"{fld}.size")
+        check_user_props(model.driver, d.props.keys(), field=f"{fld}.props")
         if inventory is not None:
             _check_props(inventory, model.driver, d.props.keys(), f"{fld}.props")
 

@@ -29,7 +29,7 @@ from lab.scenario.params import draw_int
 from lab.scenario.units import (ZERO, BarSize, BarSizeOrAuto, Bool, Duration, Id, Int,
                                 KindName, MsNumber, Name, QmpEvent, RuleName, SourceName,
                                 Str, check_name)
-from vdevice.catalog import Role, get_model
+from vdevice.catalog import REFUSED_PROPS, Role, check_prop_name, check_user_props, get_model
 from vdevice.errors import SpecError
 from vdevice.yamlsrc import Located, YamlPath, format_path, spec_error, suggest, unknown
 
@@ -111,6 +111,22 @@ class StepBase(Spec):
 
 # ---- device operations ------------------------------------------------------------------
 
+def _check_props(model: str | None, props: Mapping[str, Any]) -> None:
+    """Device properties a scenario may set (vdevice.catalog.check_user_props); with no
+    model here (a topology device), the names and the never-allowed ones are checked now
+    and the rest when the runner knows the model, before any device_add."""
+    try:
+        if model is not None:
+            check_user_props(model, props)
+            return
+        for key in props:
+            check_prop_name(key)
+            if key in REFUSED_PROPS:
+                raise ValueError(f"property {key!r} is refused: {REFUSED_PROPS[key]}")
+    except SpecError as exc:
+        raise ValueError(exc.bare_message) from None
+
+
 def _check_model(name: str, *, hotplug: bool) -> str:
     model = get_model(name)
     if hotplug and (not model.hotpluggable or model.role == Role.CODEC):
@@ -137,6 +153,11 @@ class Plug(StepBase):
     @classmethod
     def _model(cls, v: str | None) -> str | None:
         return None if v is None else _check_model(v, hotplug=True)
+
+    @model_validator(mode="after")
+    def _props(self) -> Plug:
+        _check_props(self.model, self.props)
+        return self
 
     def describe(self) -> str:
         extra = " @ ".join(x for x in (self.model, self.port) if x)
@@ -243,6 +264,7 @@ class RebalanceReconfigure(RebalanceBase):
     def _something(self) -> RebalanceReconfigure:
         if self.model is None and not self.props:
             raise ValueError("reconfigure needs a new model or props (or both)")
+        _check_props(self.model, self.props)
         return self
 
 

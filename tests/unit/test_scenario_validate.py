@@ -516,3 +516,29 @@ def test_sweep_rebalance_delay_shape() -> None:
     sweep = sc.sweep()
     assert len(sweep) == 10
     assert [it.parameters["delay_ms"] for it in sweep] == [0, 100, 200, 300, 400] * 2
+
+
+@pytest.mark.parametrize("step, why", [
+    ("  - plug: {device: snd0, model: AC97, port: rp1, props: {romfile: /etc/shadow}}\n",
+     "property 'romfile' is refused: it names a host file"),
+    ("  - plug: {device: snd0, model: AC97, port: rp1, props: {drive: x}}\n",
+     "property 'drive' is refused"),
+    ("  - plug: {device: snd0, model: AC97, port: rp1, props: {bogus: 1}}\n",
+     "not one the lab lets you set on AC97"),
+    ("  - plug: {device: snd0, model: AC97, port: rp1, props: {'a,romfile': 1}}\n",
+     "not one QEMU takes"),
+    ("  - plug: {device: snd0, model: ich9-intel-hda, port: rp1, props: {msi: 'off'}}\n"
+     "  - rebalance: {trigger: reconfigure, device: snd0, props: {romfile: x}}\n",
+     "property 'romfile' is refused"),
+])
+def test_device_properties_come_from_an_allow_list(step: str, why: str) -> None:
+    """A scenario must not make QEMU read a host file through a device property."""
+    with pytest.raises(SpecError, match=re.escape(why)):
+        check(HEAD + step)
+
+
+def test_allowed_device_properties_pass() -> None:
+    sc = check(HEAD + "  - plug: {device: snd0, model: ich9-intel-hda, port: rp1, "
+                      "props: {msi: 'off', rombar: 0}}\n")
+    plug = sc.sweep().iteration(0).steps[-1]
+    assert plug.props == {"msi": "off", "rombar": 0}

@@ -110,7 +110,11 @@ def _topo(**kw: object) -> Topology:
     (_topo(devices=(Device("p0", "pci-testdev", "rp1", size=48 << 20),)), "devices[0].size",
      "not a power of two"),
     (_topo(devices=(Device("snd0", "AC97", "rp1", props={"bogus": "1"}),)),
-     "devices[0].props.bogus", "no property 'bogus'"),
+     "devices[0].props", "not one the lab lets you set on AC97"),
+    (_topo(devices=(Device("snd0", "AC97", "rp1", props={"romfile": "/etc/shadow"}),)),
+     "devices[0].props", "names a host file"),
+    (_topo(devices=(Device("snd0", "AC97", "rp1", props={"x,romfile": "1"}),)),
+     "devices[0].props", "not one QEMU takes"),
     (_topo(devices=(Device("9bad", "AC97", "rp1"),)), "devices[0].id", "not a valid QEMU id"),
     (_topo(switches=(Switch("sw1", "rp7", (Port("d1", 5, 1),)),)), "switches[0].port",
      "unknown root port"),
@@ -122,6 +126,14 @@ def test_validation_errors(inventory: QemuInventory, topo: Topology, field: str,
         validate(topo, inventory)
     assert ei.value.field == field
     assert message in str(ei.value)
+
+
+def test_an_allowed_property_the_installed_qemu_lacks_is_refused() -> None:
+    inv = QemuInventory(version=(7, 2, 0), devices=frozenset({"AC97", "pcie-root-port"}),
+                        properties={"AC97": {"addr": "int32"}})
+    with pytest.raises(SpecError, match="no property 'rombar'") as ei:
+        validate(_topo(devices=(Device("snd0", "AC97", "rp1", props={"rombar": "0"}),)), inv)
+    assert ei.value.field == "devices[0].props.rombar"
 
 
 def test_virtio_sound_refused_when_missing() -> None:
