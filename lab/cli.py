@@ -314,12 +314,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise UsageError(f"--attempts {args.attempts}: must be 1 or more")
     if args.every_attempt and args.attempts == 1:
         raise UsageError("--every-attempt needs --attempts N (N > 1)")
+    from lab.inputs import read_json, read_text
+
     run_dir = Path(args.run_dir)
-    try:
-        meta = json.loads((run_dir / "run.json").read_text())
-        text = (run_dir / "scenario.yaml").read_text()
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{run_dir} is not a scenario run directory ({exc})") from None
+    meta = read_json(run_dir / "run.json", "the run's run.json")
+    text = read_text(run_dir / "scenario.yaml", "the run's scenario.yaml")
+    if not isinstance(meta, dict) or not isinstance(meta.get("base_dir") or "", str) \
+            or not isinstance(meta.get("scenario_file") or "", str):
+        raise UsageError(f"{run_dir}/run.json: not a run record (base_dir and scenario_file "
+                         "must be text)")
     base = meta.get("base_dir")
     scenario = validate_text(text, meta.get("scenario_file") or str(run_dir / "scenario.yaml"),
                              resolve_topology, base_dir=Path(base) if base else run_dir)
@@ -380,6 +383,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for name, parser in logs.parsers().items():
             print(f"{name:14} {parser.description}")
         return EXIT_OK
+    if args.format != "auto":
+        from lab import logs
+        logs.get(args.format)          # an unknown format is named before any file is read
     rules = _split_list(args.rules) or None
     limits: dict[str, str] = {}
     for item in args.limit or ():
@@ -653,6 +659,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:        # noqa: BLE001 - the one place that catches everything
+        # a bug of the lab: exit 2 with one line; the traceback goes to a private crash
+        # file, never to the terminal (it may quote input the user did not write)
+        where = _crash_file(exc, argv)
+        print(f"error: internal error: {type(exc).__name__}"
+              + (f" (the traceback is in {where})" if where else ""), file=sys.stderr)
+        return EXIT_LAB
+
+
+def _crash_file(exc: BaseException, argv: Sequence[str] | None) -> Path | None:
+    """Write the traceback to runs/crash-<time>-<pid>.log (0600); None if it can't be."""
+    import traceback
+
+    root = Path(os.environ.get("REBALAB_RUNS", "runs"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"rebalab {__version__} internal error\nargv: "
+                    f"{list(argv) if argv is not None else sys.argv[1:]}\n\n")
+            f.write("".join(traceback.format_exception(exc)))
+        return path
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

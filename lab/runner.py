@@ -901,6 +901,7 @@ def resolve_topology(ref: Any, located: Any) -> Topology:
     all checked against the installed QEMU."""
     from lab import qemu_caps
     from vdevice import topology_yaml
+    from lab.inputs import read_text
     from vdevice.yamlsrc import load
 
     inv = None
@@ -909,7 +910,7 @@ def resolve_topology(ref: Any, located: Any) -> Topology:
     except LabError:
         pass
     if isinstance(ref, Path):
-        loc = load(ref.read_text(), str(ref))
+        loc = load(read_text(ref, "topology file"), str(ref))
         return topology_yaml.check(topology_yaml.from_located(loc), loc, inv)
     return topology_yaml.check(topology_yaml.from_located(located.with_data(ref)
                                                           if not isinstance(ref, str) else

@@ -45,6 +45,9 @@ SOURCE_PRIORITY: Mapping[Source, int] = {
     Source.GUEST_SETUPAPI: 9, Source.HOST_AUDIO: 10,
 }
 
+#: the largest timeline.jsonl ``read`` takes
+MAX_TIMELINE_BYTES = 2 * 1024 * 1024 * 1024
+
 #: keys in ``Event.data`` the timeline itself writes
 RECV_KEY = "t_recv_ns"
 
@@ -452,11 +455,15 @@ class Timeline:
     def read(cls, path: str | os.PathLike[str]) -> Timeline:
         """Read a timeline file. A torn or missing tail (interrupted run) sets
         ``truncated``; damage anywhere else raises ``TimelineFormatError``."""
+        from lab.inputs import read_bytes
+        from vdevice.errors import SpecError
+
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            raise TimelineFormatError(f"cannot read timeline {p}: {exc}") from exc
+            # regular files only, capped: a timeline may come from someone else's run
+            text = read_bytes(p, "timeline", MAX_TIMELINE_BYTES).decode("utf-8", "replace")
+        except SpecError as exc:
+            raise TimelineFormatError(f"cannot read timeline {p}: {exc.bare_message}") from None
         lines = text.split("\n")
         torn = bool(lines) and lines[-1] != ""
         if lines and lines[-1] == "":

@@ -188,6 +188,14 @@ class Located:
 
 # ---- loading -----------------------------------------------------------------------
 
+#: limits on what a scenario or topology may be (they come from other people): the
+#: text, the nodes after alias expansion (a 460-byte alias bomb expands to gigabytes),
+#: and the nesting (deep nesting exhausts the parser's recursion)
+MAX_YAML_CHARS = 4 * 1024 * 1024
+MAX_YAML_NODES = 200_000
+MAX_YAML_DEPTH = 64
+
+
 def load(text: str, filename: str) -> Located:
     """Parse one YAML document into plain data with positions.
 
@@ -196,14 +204,25 @@ def load(text: str, filename: str) -> Located:
     aliases. An empty document yields ``data is None``; the schema decides whether
     that is acceptable.
     """
-    loader = yaml.SafeLoader(text)
+    if len(text) > MAX_YAML_CHARS:
+        raise SpecError(f"{len(text)} characters is more than the {MAX_YAML_CHARS} a scenario "
+                        "or topology may have", file=filename)
+    try:
+        loader = yaml.SafeLoader(text)   # its reader refuses NUL and control characters
+    except yaml.YAMLError as exc:
+        raise SpecError(f"YAML error: {type(exc).__name__}: the file has characters YAML "
+                        "does not allow (NUL, control characters)", file=filename) from None
     try:
         try:
             root = loader.get_single_node()
         except yaml.MarkedYAMLError as exc:
             raise _syntax_error(exc, filename) from None
-        except yaml.YAMLError as exc:  # pragma: no cover - PyYAML marks nearly everything
-            raise SpecError(f"YAML error: {exc}", file=filename) from None
+        except yaml.YAMLError as exc:   # ReaderError: NUL and other unprintable characters
+            raise SpecError(f"YAML error: {type(exc).__name__}: the file has characters YAML "
+                            "does not allow (NUL, control characters)", file=filename) from None
+        except RecursionError:
+            raise SpecError(f"nested more deeply than the {MAX_YAML_DEPTH} levels a scenario "
+                            "or topology may have", file=filename) from None
         positions: dict[YamlPath, Position] = {}
         if root is None:
             return Located(None, filename, positions)
@@ -236,8 +255,18 @@ class _Builder:
         self.filename = filename
         self.positions = positions
         self.active: set[int] = set()   # node ids on the current path (recursive aliases)
+        self.built = 0
 
     def build(self, node: yaml.Node, path: YamlPath, key_line: int | None) -> Any:
+        self.built += 1
+        if self.built > MAX_YAML_NODES:
+            raise SpecError(f"more than {MAX_YAML_NODES} values once aliases are expanded "
+                            "(an alias bomb?)", file=self.filename,
+                            line=node.start_mark.line + 1)
+        if len(path) > MAX_YAML_DEPTH:
+            raise SpecError(f"nested more deeply than the {MAX_YAML_DEPTH} levels a scenario "
+                            "or topology may have", file=self.filename,
+                            line=node.start_mark.line + 1)
         self.positions[path] = Position(node.start_mark.line + 1, node.start_mark.column + 1,
                                         key_line)
         if id(node) in self.active:
@@ -248,6 +277,10 @@ class _Builder:
                 return self.loader.construct_object(node, deep=True)
             except yaml.MarkedYAMLError as exc:
                 raise _syntax_error(exc, self.filename) from None
+            except (ValueError, OverflowError):   # e.g. an integer of 5000 digits
+                raise SpecError("a value YAML cannot represent (a number too long?)",
+                                file=self.filename, line=node.start_mark.line + 1,
+                                field=format_path(path) or None) from None
         self.active.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):

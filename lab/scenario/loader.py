@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from lab.scenario.sweep import MAX_ITERATIONS
 from lab.scenario.model import (ScenarioFile, Scenario, TopologyLike, TopologyRef,
                                 TopologyResolver, parse_limits)
-from lab.scenario.params import (Param, Scalar, check_refs, find_refs, format_value,
+from lab.scenario.params import (GridParam, Param, Scalar, check_refs, find_refs, format_value,
                                  parse_parameters, substitute)
 from lab.scenario.steps import (AssertCount, AssertNoKind, AssertRule, Guest, Module,
                                 ParseContext, Parallel, Play, Plug, RebalanceBase,
@@ -76,13 +77,10 @@ def validate_file(path: str | Path, resolve_topology: TopologyResolver, *,
     limit fails here with its line rather than later without one; ``None`` skips the
     rule check and leaves limits to a typo guard.
     """
+    from lab.inputs import read_text
+
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"scenario file not found: {p}", file=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read scenario file: {exc}", file=str(path)) from None
+    text = read_text(p, "scenario file")
     return validate_text(text, str(path), resolve_topology, base_dir=p.resolve().parent,
                          known_rules=known_rules, known_limits=known_limits)
 
@@ -102,6 +100,11 @@ def validate_text(text: str, filename: str, resolve_topology: TopologyResolver, 
 
     params = parse_parameters(located.at(("parameters",))) if "parameters" in located.data \
         else ()
+    total = math.prod(len(p.values) for p in params if isinstance(p, GridParam)) * head.repeat
+    if total > MAX_ITERATIONS:       # before any step is checked or any list allocated
+        raise located.error(f"the sweep has {total} iterations; at most {MAX_ITERATIONS} per "
+                            "run: sweep fewer values, or use random parameters with repeat",
+                            ("parameters",) if "parameters" in located.data else ())
     used = check_refs(located, params, ("steps",))
     for p in params:
         if p.name not in used:

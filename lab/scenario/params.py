@@ -180,7 +180,11 @@ def _parse_one(located: Located, name: str, spec: object, path: YamlPath) -> Par
             raise located.error(f"range step must be > 0, got {step}", apath + (2,))
         if stop < start:
             raise located.error(f"range stop {stop} is below start {start}", apath + (1,))
-        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        try:
+            count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        except (OverflowError, ValueError):   # 1e308 bounds, a step that underflows
+            raise located.error("range is too large to count; more than "
+                                f"{MAX_RANGE_VALUES} values is surely a mistake", apath) from None
         if count > MAX_RANGE_VALUES:
             raise located.error(f"range has {count} values; more than {MAX_RANGE_VALUES} is "
                                 "surely a mistake", apath)

@@ -31,6 +31,7 @@ from lab.results import IterationResult, Status
 from lab.scenario.model import Scenario
 from lab.scenario.params import GridParam, Scalar, format_value, stable_u64
 from lab.scenario.steps import Step
+from vdevice.errors import SpecError
 
 SEED_BITS = 48
 
@@ -57,6 +58,10 @@ class Iteration:
         return f"#{self.index}" + (f" {vals}" if vals else "")
 
 
+#: iterations one run may have (a week of 1-second iterations is far below it)
+MAX_ITERATIONS = 1_000_000
+
+
 class Sweep:
     """The iterations of a scenario, in run order; ``len()`` is the total."""
 
@@ -65,6 +70,12 @@ class Sweep:
         self.grid: list[GridParam] = [p for p in scenario.parameters if isinstance(p, GridParam)]
         self.grid_size = math.prod(len(p.values) for p in self.grid) if self.grid else 1
         self.total = self.grid_size * scenario.repeat
+        if self.total > MAX_ITERATIONS:
+            # checked before anything is allocated per iteration (the runner's index list)
+            raise SpecError(f"the sweep has {self.total} iterations ({self.grid_size} parameter "
+                            f"combinations x repeat {scenario.repeat}); at most "
+                            f"{MAX_ITERATIONS} per run: sweep fewer values, or use random "
+                            "parameters with repeat", file=scenario.file, field="parameters")
 
     def __len__(self) -> int:
         return self.total
