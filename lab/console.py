@@ -167,7 +167,11 @@ class SyncPort:
         if self._sock is None:
             raise QemuError("sync port not connected")
         t = time.time_ns()
-        self._sock.sendall(token.encode() + b"\n")
+        try:
+            self._sock.sendall(token.encode() + b"\n")
+        except OSError as exc:      # QEMU gone (a guest panic, a kill): its socket closed
+            raise QemuError(f"the sync port is closed ({exc.strerror or exc}): QEMU has "
+                            "exited or is exiting") from None
         return t
 
     def close(self) -> None:

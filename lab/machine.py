@@ -19,11 +19,12 @@ import atexit
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,47 @@ AUDIODEV_ID = "audio0"
 # on from the first instruction, so the trace parser knows every device's command
 # register (decode on/off) before any operation; a few hundred lines per boot
 DEFAULT_TRACE_EVENTS = ("pci_update_mappings_add", "pci_update_mappings_del", "pci_cfg_write")
+
+
+PRIVATE_PREFIX = "rebalab-"
+OWNER_FILE = "owner.pid"
+
+
+def reclaim_stale_private_dirs(log: Callable[[str], None] | None = None,
+                               tmp: Path | None = None) -> list[Path]:
+    """Remove socket directories of labs that died without cleaning up (kill -9): ours
+    (same uid, an owner.pid file) whose owner process is gone. Returns what was removed."""
+    root = Path(tmp or tempfile.gettempdir())
+    removed: list[Path] = []
+    try:
+        candidates = list(root.glob(PRIVATE_PREFIX + "*"))
+    except OSError:
+        return removed
+    for d in candidates:
+        try:
+            st = d.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            owner = int((d / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue                       # not one of ours, or still being made
+        if owner == os.getpid() or _alive(owner):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+        if log is not None:
+            log(f"removed the socket directory {d} of a lab that died (pid {owner})")
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class MachineState(str, Enum):
@@ -230,8 +272,12 @@ class Machine:
                          + (" (cached verdict)" if self.accel.cached else ""))
             self.stopped_at = f"checking the {self.guest.os} guest"
             self.guest.preflight(self.binary, self.inventory, self.accel, self.run.log)
-            self.private = Path(tempfile.mkdtemp(prefix="rebalab-"))
+            reclaim_stale_private_dirs(self.log)
+            self.private = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX))
             os.chmod(self.private, 0o700)
+            # whose sockets these are: a lab killed with -9 cannot remove them; the next
+            # machine that starts does (reclaim_stale_private_dirs)
+            (self.private / OWNER_FILE).write_text(f"{os.getpid()}\n")
             self.stopped_at = f"preparing the {self.guest.os} guest's files"
             self.boot_files = self.guest.prepare(self)
             for attempt in range(3):

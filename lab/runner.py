@@ -359,6 +359,15 @@ class ScenarioRunner:
                 violations += [v for v in found if (v.rule, v.device, v.message) not in seen]
                 if violations and status == Status.PASSED:
                     status = Status.FAILED
+            elif status == Status.ERROR:
+                # a step failing because the guest died (a panic cut the SSH command, QEMU
+                # exited): the guest broke a rule, that is the verdict, not the lab error
+                found = self._final_rules(tl, it_dir)
+                if any(v.rule.startswith("kernel.") or v.rule == "bugcheck" for v in found):
+                    self.run.log(f"iteration {key}: the lab error ({error}) followed a guest "
+                                 "failure; judged by the rules")
+                    violations += found
+                    status = Status.FAILED
         self._keep_logs(it_dir)
         # a guest that oopsed, or a dead QEMU, is not reused for the next iteration
         m = self.machine
