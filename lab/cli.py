@@ -29,9 +29,9 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # exit status 2 with our wording, not argparse's
-        self.print_usage(sys.stderr)
-        raise UsageError(f"{self.prog}: {message}")
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # exit status 2 with our wording, on one line (the usage is one --help away)
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
 def _console(stderr: bool = False):  # type: ignore[no-untyped-def]
@@ -636,6 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
+            print("error: name a command (listed above)", file=sys.stderr)
             return EXIT_LAB
         from lab.agent.winrm import install_redaction
         from lab import privacy

@@ -16,7 +16,7 @@ from typing import Any
 from vdevice.errors import SpecError
 
 #: a scenario or topology (YAML): generous for hand-written files
-MAX_SPEC_BYTES = 4 * 1024 * 1024
+MAX_SPEC_BYTES = 1024 * 1024
 #: run.json, summary.json, rules.json
 MAX_JSON_BYTES = 64 * 1024 * 1024
 

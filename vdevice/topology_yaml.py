@@ -58,7 +58,13 @@ def _keys(loc: Located, path: tuple[PathElem, ...], allowed: tuple[str, ...]) ->
         raise loc.error(f"expected a mapping, got {type(data).__name__}", path)
     for k in data:
         if k not in allowed:
-            raise loc.error(unknown("key", k, allowed), path + (k,))
+            msg = unknown("key", k, allowed)
+            if repr(k) in msg:
+                raise loc.error(msg, path + (k,))
+            # a key unknown() would not repeat is not named in the field either: the
+            # line of it, the field path of its mapping
+            raise SpecError(msg, file=loc.filename, line=loc.line_of(path + (k,)),
+                            field=loc.field(path) or None)
     return dict(data)
 
 

@@ -100,9 +100,18 @@ def unknown(what: str, word: object, choices: Sequence[object]) -> str:
     if not choices:
         return f"unknown {what} {word!r} (there are none to choose from)"
     close = suggest(word, choices)
-    hint = f"; did you mean {close!r}?" if close is not None else ""
     listed = ", ".join(str(c) for c in choices)
+    if close is None and not _SHOWABLE.match(str(word)):
+        # not a near-miss of a known name and not a plain short word: it may be content
+        # of a file that was never meant as a scenario (a key, a token); don't repeat it
+        return f"unknown {what} (expected one of: {listed})"
+    hint = f"; did you mean {close!r}?" if close is not None else ""
     return f"unknown {what} {word!r}{hint} (expected one of: {listed})"
+
+
+#: a name shown back in "unknown ..." messages: short, lower-case-ish, like the names
+#: scenarios use; anything else is not repeated (see ``unknown``)
+_SHOWABLE = re.compile(r"^[a-z][a-z0-9_.*?-]{0,39}$")
 
 
 class Located:
@@ -191,7 +200,7 @@ class Located:
 #: limits on what a scenario or topology may be (they come from other people): the
 #: text, the nodes after alias expansion (a 460-byte alias bomb expands to gigabytes),
 #: and the nesting (deep nesting exhausts the parser's recursion)
-MAX_YAML_CHARS = 4 * 1024 * 1024
+MAX_YAML_CHARS = 1024 * 1024
 MAX_YAML_NODES = 200_000
 MAX_YAML_DEPTH = 64
 

@@ -9,6 +9,8 @@ iteration's values and returns concrete step objects.
 
 from __future__ import annotations
 
+import math
+
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -70,6 +72,9 @@ class GuestSpec(Spec):
     def _consistent(self) -> GuestSpec:
         if self.os == "windows" and not self.image:
             raise ValueError("a Windows guest needs an image: 'windows:<path to image>'")
+        if self.image and self.image.lower().endswith((".yaml", ".yml", ".json")):
+            raise ValueError("the guest image is a disk image (.qcow2, built by `rebalab image "
+                             "windows`), not a YAML or JSON file")
         if self.os == "linux" and self.agent == "winrm":
             raise ValueError("a Linux guest is reached over ssh, not winrm")
         return self
@@ -178,8 +183,8 @@ def parse_limits(located: Located, known: frozenset[str] | None = None) -> dict[
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise located.error(f"a limit is a number, got {value!r}", path)
-        if value < 0:
-            raise located.error(f"a limit must be >= 0, got {value}", path)
+        if not math.isfinite(value) or value < 0:
+            raise located.error(f"a limit must be >= 0 (and finite), got {value}", path)
         out[key] = float(value)
     return out
 

@@ -319,7 +319,7 @@ class Guest(StepBase):
         return f"guest{' &' if self.background else ''}{named} {short}"
 
 
-_MODULE_RE = re.compile(r"[A-Za-z0-9_-]{1,56}")
+_MODULE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,55}")   # never an option: no leading '-' 
 _MODPARAM_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
@@ -344,7 +344,8 @@ class Module(StepBase):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _MODULE_RE.fullmatch(v):
-            raise ValueError(f"{v!r} is not a kernel module name (letters, digits, - and _)")
+            raise ValueError(f"{v!r} is not a kernel module name (letters, digits, - and _, "
+                             "not starting with -)")
         return v
 
     @field_validator("params")
