@@ -38,6 +38,10 @@ def event_time_ns(ev: Mapping[str, Any]) -> int:
         return time.time_ns()
 
 
+#: commands that only read state: polled in waits, logged when their reply changes
+QUIET_PREFIXES = ("query-", "qom-list", "qom-get")
+
+
 class QmpSession:
     def __init__(self, socket_path: Path, log_path: Path, *, name: str = "rebalab") -> None:
         self.socket_path = socket_path
@@ -53,6 +57,10 @@ class QmpSession:
         self._pump: asyncio.Future[None] | None = None
         self._closed = False
         self.on_event: list[Callable[[dict[str, Any]], None]] = []
+        # polled queries: the last reply logged per (command, arguments), and how many
+        # identical replies were not logged since (qmp.jsonl logs what changed)
+        self._last_reply: dict[str, str] = {}
+        self._unchanged: dict[str, int] = {}
 
     # ---- plumbing ------------------------------------------------------------------
     def _call(self, what: str, coro: Any, timeout: float) -> Any:
@@ -107,25 +115,50 @@ class QmpSession:
         """Run a QMP command; raise QemuError with QEMU's own message on failure."""
         timeout = timeout if timeout is not None else seconds("qmp_command")
         t0 = time.time_ns()
-        self._write({"dir": "out", "t_host_ns": t0, "execute": cmd, "arguments": args or {}})
+        query = cmd.startswith(QUIET_PREFIXES)
+        key = cmd + json.dumps(dict(args or {}), sort_keys=True, default=str) if query else ""
+        if not query:
+            self._write({"dir": "out", "t_host_ns": t0, "execute": cmd, "arguments": args or {}})
         try:
             result = self._call(f"QMP {cmd}", self._client.execute(cmd, dict(args or {})),
                                 timeout)
         except ExecuteError as exc:
+            self._unquiet(key, cmd, args, t0)
             self._write({"dir": "error", "execute": cmd, "class": exc.error_class,
                          "desc": str(exc), "elapsed_ns": time.time_ns() - t0})
             raise QemuError(f"QEMU refused {cmd} {json.dumps(dict(args or {}))}: "
                             f"{exc} ({exc.error_class})") from None
         except DeadlineExceeded:
+            self._unquiet(key, cmd, args, t0)
             self._write({"dir": "timeout", "execute": cmd, "elapsed_ns": time.time_ns() - t0})
             raise
         except (QMPError, OSError, EOFError) as exc:
+            self._unquiet(key, cmd, args, t0)
             self._write({"dir": "error", "execute": cmd, "desc": repr(exc)})
             raise QemuError(f"QMP {cmd} failed: the connection to QEMU broke ({exc!r}); "
                             "QEMU has probably exited, see console.log and qemu.stderr") from exc
+        if query:
+            digest = json.dumps(result, sort_keys=True, default=str)
+            if self._last_reply.get(key) == digest:
+                self._unchanged[key] = self._unchanged.get(key, 0) + 1
+                return result
+            self._last_reply[key] = digest
+            self._unquiet(key, cmd, args, t0)
         self._write({"dir": "in", "execute": cmd, "return": result,
                      "elapsed_ns": time.time_ns() - t0})
         return result
+
+    def _unquiet(self, key: str, cmd: str, args: Mapping[str, Any] | None, t0: int) -> None:
+        """Log a polled query whose reply changed (or failed): the command, and how many
+        identical replies before it were not logged."""
+        if not key:
+            return
+        rec: dict[str, Any] = {"dir": "out", "t_host_ns": t0, "execute": cmd,
+                               "arguments": args or {}}
+        skipped = self._unchanged.pop(key, 0)
+        if skipped:
+            rec["unchanged_replies_not_logged"] = skipped
+        self._write(rec)
 
     def cursor(self) -> int:
         """A position in the event history; ``wait_event(after=...)`` looks past it."""
