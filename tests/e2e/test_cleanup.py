@@ -61,8 +61,12 @@ def test_exception_mid_run(image: GuestImage, run_dir: RunDir) -> None:
 def test_ctrl_c_during_demo_keeps_artifacts(tmp_path: Path) -> None:
     """SIGINT to the CLI mid-run: exit 130, report says where it stopped, nothing left."""
     runs = tmp_path / "runs"
+    # the child hears SIGINT whatever this suite inherited: run from a script in the
+    # background (nohup, some CI runners) SIGINT arrives ignored, and Python then installs
+    # no KeyboardInterrupt handler, so the test would interrupt nothing
     proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "demo", "--runs", str(runs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # wait until the VM is being booted (console.log appears), then interrupt
         deadline = time.monotonic() + 60
