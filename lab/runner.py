@@ -340,7 +340,7 @@ class ScenarioRunner:
         except (KeyboardInterrupt, Interrupted):
             status, error = Status.INTERRUPTED, "interrupted"
         except LabError as exc:
-            status, error = Status.ERROR, str(exc)
+            status, error = Status.ERROR, self._cause(exc)
         finally:
             if st is not None:
                 self._end_jobs(st)
@@ -391,6 +391,17 @@ class ScenarioRunner:
                                error=error, stopped_at=stopped_at if status != Status.PASSED
                                else None, attempt=attempt,
                                measurements=self._audio_measurements(st, it_dir, artifacts))
+
+    def _cause(self, exc: LabError) -> str:
+        """The error as the user should read it: when QEMU is gone, that is the cause
+        (an SSH drop or a broken pipe is only how the lab noticed)."""
+        m = self.machine
+        proc = m.process if m is not None else None
+        if proc is not None and not proc.alive():
+            rc = proc.returncode()
+            return (f"QEMU exited (status {rc}) during this step; the lab saw: {exc}"
+                    if rc is not None else f"QEMU exited during this step; the lab saw: {exc}")
+        return str(exc)
 
     def _audio_measurements(self, st: IterationState | None, it_dir: Path,
                             artifacts: dict[str, str]) -> dict[str, float]:
