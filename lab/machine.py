@@ -405,9 +405,13 @@ class Machine:
             step: str | None = None
             try:
                 if self.process is not None and self.process.alive() and self.agent is not None \
-                        and self.panic is None:
-                    self.guest.before_stop(self, self.agent)
-                polite = self.guest.shutdown_steps(self, self.agent)
+                        and self.panic is None and not self.process.suspended():
+                    try:
+                        self.guest.before_stop(self, self.agent)
+                    except Exception as exc:      # noqa: BLE001 - never skip the ladder
+                        self.log(f"collecting from the guest before stopping failed: {exc!r}")
+                polite = (self.guest.shutdown_steps(self, self.agent)
+                          if self.process is None or not self.process.suspended() else [])
                 if self.process is not None:
                     step = self.process.stop(polite, step_timeout=seconds("shutdown_step"))
                     self.timings_stop = step

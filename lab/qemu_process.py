@@ -55,6 +55,19 @@ class QemuProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    def suspended(self) -> bool:
+        """QEMU stopped by a signal (SIGSTOP: state T in /proc): it answers nothing, so
+        the polite rungs of the shutdown ladder and the guest's clean-up would each wait
+        out their deadlines; the ladder goes straight to the signals."""
+        if self._proc is None:
+            return False
+        try:
+            with open(f"/proc/{self._proc.pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        return stat[stat.rfind(b")") + 2:][:1] in (b"T", b"t")
+
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -101,6 +114,9 @@ class QemuProcess:
             for name, sig in (("SIGTERM", signal.SIGTERM), ("SIGKILL", signal.SIGKILL)):
                 try:
                     os.killpg(self._proc.pid, sig)
+                    if sig == signal.SIGTERM:
+                        # a stopped QEMU (SIGSTOP) gets its SIGTERM only once it runs again
+                        os.killpg(self._proc.pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
                 if self.wait(step_timeout):

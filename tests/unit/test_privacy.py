@@ -104,23 +104,3 @@ def test_cli_writes_private_files(tmp_path: Path) -> None:
         {p.name: oct(p.stat().st_mode) for p in files}
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
 
-
-def test_socket_directories_of_dead_labs_are_reclaimed(tmp_path: Path) -> None:
-    """kill -9 of the CLI leaves its socket directory; the next machine removes it."""
-    from lab.machine import OWNER_FILE, PRIVATE_PREFIX, reclaim_stale_private_dirs
-
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    stale = tmp_path / f"{PRIVATE_PREFIX}stale"
-    stale.mkdir(mode=0o700)
-    (stale / OWNER_FILE).write_text(f"{dead.pid}\n")
-    (stale / "qmp.sock").write_text("")
-    live = tmp_path / f"{PRIVATE_PREFIX}live"
-    live.mkdir(mode=0o700)
-    (live / OWNER_FILE).write_text(f"{os.getpid()}\n")
-    foreign = tmp_path / f"{PRIVATE_PREFIX}foreign"      # no owner file: not ours to judge
-    foreign.mkdir()
-    seen: list[str] = []
-    removed = reclaim_stale_private_dirs(seen.append, tmp=tmp_path)
-    assert removed == [stale] and not stale.exists()
-    assert live.exists() and foreign.exists() and "died (pid" in seen[0]
