@@ -63,6 +63,7 @@ class Console:
         self._lines: list[ConsoleLine] = []
         self._eof = False
         self.listeners: list[Callable[[ConsoleLine], None]] = []
+        self.write_failures = 0
 
     def connect(self, timeout: float) -> None:
         self._sock = connect_unix(self.sock_path, timeout)
@@ -97,7 +98,12 @@ class Console:
             self._lines.append(line)
             self._cond.notify_all()
         if not self._log.closed:
-            self._log.write(f"{iso(t)} {text}\n")
+            try:
+                self._log.write(f"{iso(t)} {text}\n")
+            except OSError:
+                # a full disk: the reader goes on (waits read the lines from memory);
+                # without this the console thread died and the boot waited its deadline
+                self.write_failures += 1
         for cb in list(self.listeners):
             try:
                 cb(line)

@@ -46,6 +46,7 @@ class RunDir:
         self._events = open(self.path / "events.jsonl", "a", buffering=1, encoding="utf-8")
         self._seq = 0
         self.events: list[Event] = []   # the same events, in memory, for live waits
+        self.write_failures = 0         # log lines a full or broken disk refused
         for note in STARTUP_NOTES:
             self.log(note)
 
@@ -58,7 +59,12 @@ class RunDir:
         line = f"{iso(time.time_ns())} {REDACTOR.redact(message)}"
         with self._lock:
             if not self._log.closed:
-                self._log.write(line + "\n")
+                try:
+                    self._log.write(line + "\n")
+                except OSError:
+                    # a full disk must not stop what is being logged (the shutdown ladder
+                    # logs every rung): count it, and keep the lines in memory
+                    self.write_failures += 1
 
     def record(self, event: Event) -> Event:
         """Append a host-observed event to events.jsonl (raw, before alignment)."""
@@ -66,7 +72,10 @@ class RunDir:
             self._seq += 1
             self.events.append(event)
             if not self._events.closed:
-                self._events.write(event.dumps() + "\n")
+                try:
+                    self._events.write(event.dumps() + "\n")
+                except OSError:
+                    self.write_failures += 1
         return event
 
     def write_json(self, rel: str, data: Any) -> Path:

@@ -1,5 +1,6 @@
-"""Nothing left behind, nothing waited for in vain: socket directories of labs killed
-with -9 are reclaimed, and a suspended QEMU is stopped at once (issue 13)."""
+"""Nothing left behind, nothing waited for in vain, nothing stopped by a full disk: socket
+directories of labs killed with -9 are reclaimed, a suspended QEMU is stopped at once,
+and a log write that fails (ENOSPC) does not stop its caller (issue 13)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,32 @@ def test_a_suspended_qemu_is_seen_and_stopped_at_once(tmp_path: Path) -> None:
     t0 = time.monotonic()
     assert p.stop(step_timeout=5.0) == "SIGTERM"
     assert time.monotonic() - t0 < 2 and not p.alive()
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk (ENOSPC)."""
+
+    closed = False
+
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_full_disk_does_not_stop_logging_callers(tmp_path: Path) -> None:
+    from lab.console import Console
+    from lab.events import Event, Kind, Source
+    from lab.rundir import RunDir
+
+    run = RunDir(tmp_path, "r")
+    run._log = _FullDisk()            # type: ignore[assignment]
+    run._events = _FullDisk()         # type: ignore[assignment]
+    run.log("machine stopping")       # the shutdown ladder logs every rung: no raise
+    run.record(Event(1, Source.HOST_LAB, Kind.OPERATION))
+    assert run.write_failures == 2 and len(run.events) == 1
+    con = Console(tmp_path / "none.sock", tmp_path / "console.log")
+    con._log = _FullDisk()            # type: ignore[assignment]
+    con._add(1, b"[    1.000000] hello")          # the reader thread keeps going
+    assert con.write_failures == 1 and [ln.text for ln in con.lines()] == ["[    1.000000] hello"]
