@@ -201,7 +201,7 @@ class Located:
 #: text, the nodes after alias expansion (a 460-byte alias bomb expands to gigabytes),
 #: and the nesting (deep nesting exhausts the parser's recursion)
 MAX_YAML_CHARS = 1024 * 1024
-MAX_YAML_NODES = 200_000
+MAX_YAML_NODES = 50_000
 MAX_YAML_DEPTH = 64
 
 
