@@ -38,7 +38,10 @@ def test_the_corpus_is_large_and_covers_every_command_and_file_kind(
     commands = {c[1][0] for c in cases() if c[1]}
     assert {"validate", "run", "replay", "timeline", "inspect", "demo", "rebalance", "image",
             "collect-dump"} <= commands
-    assert max(x["maxrss_mb"] for x in results.values()) < 300
+    top = max(results.values(), key=lambda x: x["maxrss_mb"])
+    # RSS only grows: the first case that reached the peak is the one to look at
+    first = next(x for x in results.values() if x["maxrss_mb"] == top["maxrss_mb"])
+    assert top["maxrss_mb"] < 300, first
 
 
 @pytest.mark.parametrize("name", [c[0] for c in cases()])
