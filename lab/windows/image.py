@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -140,8 +142,14 @@ def check_inputs(spec: WindowsImageSpec, kvm_available: Callable[[], bool],
         raise ConfigError(f"SSH public key not found: {spec.ssh_public_key}")
     if spec.memory_mb < 4096:
         raise ConfigError("Windows needs at least 4096 MiB (--memory)")
-    if spec.timeout_s <= 0:
-        raise ConfigError("the install timeout must be positive")
+    if not math.isfinite(spec.timeout_s) or spec.timeout_s <= 0:
+        raise ConfigError("the install timeout must be a positive number of minutes (--timeout-min)")
+    if not 1 <= spec.smp <= 64:
+        raise ConfigError(f"--smp {spec.smp}: the install VM needs 1 to 64 vCPUs")
+    if spec.image_index is not None and spec.image_index < 1:
+        raise ConfigError(f"--image-index {spec.image_index}: install.wim indexes start at 1")
+    if not re.fullmatch(r"[1-9][0-9]{0,5}[MGT]", spec.disk_size):
+        raise ConfigError(f"--disk-size {spec.disk_size!r}: a positive size with a unit, e.g. 64G")
     if spec.out.exists() and not for_dry_run:
         raise ConfigError(f"{spec.out} exists; remove it or choose another --out")
     if not kvm_available():

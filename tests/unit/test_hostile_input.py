@@ -127,3 +127,17 @@ def test_alias_bomb_stays_small_in_a_child_under_a_memory_limit(tmp_path: Path) 
     r = subprocess.run(["prlimit", "--as=1500000000", sys.executable, "-m", "lab.cli",
                         "validate", str(f)], capture_output=True, text=True, timeout=30, cwd=REPO)
     assert r.returncode == 2 and "aliases are expanded" in r.stderr, r.stderr[-500:]
+
+
+@pytest.mark.parametrize("extra, why", [
+    (["--smp", "0"], "--smp 0"), (["--timeout-min", "nan"], "--timeout-min"),
+    (["--disk-size=-5G"], "--disk-size '-5G'"), (["--image-index", "0"], "indexes start at 1"),
+])
+def test_windows_image_arguments_are_checked_before_kvm(
+        extra: list[str], why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused for what they are, not only because this host has no KVM."""
+    iso = _write(tmp_path, "win.iso", b"\0")
+    rc = main(["image", "windows", "--iso", str(iso), "--out", str(tmp_path / "w.qcow2"),
+               "--dry-run", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and why in err and "KVM" not in err, err
