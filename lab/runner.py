@@ -407,9 +407,9 @@ class ScenarioRunner:
                             artifacts: dict[str, str]) -> dict[str, float]:
         """What the host heard in this iteration, as numbers for the reports (and the
         analysis in iterations/K/audio.json)."""
-        audio = st.obs.audio if st is not None else None
-        if audio is None:
+        if st is None or st.obs.audio is None:
             return {}
+        audio = st.obs.audio
         s = audio.summary
         (it_dir / "audio.json").write_text(json.dumps(
             {"capture": str(st.obs.m.audio_path) if st.obs.m.audio_path else None,
@@ -646,7 +646,7 @@ class ScenarioRunner:
         """The signal file in the guest: written and copied once per VM and variant."""
         from lab.audio_player import signal_name, write_signal_file
 
-        assert m.agent is not None
+        assert m.agent is not None and m.private is not None
         player = self.guest.audio_player()
         name = signal_name(step.seconds.seconds, step.fault, step.fault_at.seconds)
         key = (id(m), name)

@@ -54,7 +54,8 @@ class Limits:
         if unknown:
             raise ConfigError(f"unknown rule limit(s) {', '.join(unknown)}; "
                               f"known: {', '.join(sorted(known))}")
-        return cls(**{k: (None if v is None else float(v)) for k, v in d.items()})
+        values: dict[str, Any] = {k: (None if v is None else float(v)) for k, v in d.items()}
+        return cls(**values)
 
 
 @dataclass(frozen=True)
