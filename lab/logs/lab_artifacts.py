@@ -27,6 +27,17 @@ def _json_line(text: str) -> object:
         return None
 
 
+def _json_lines(inp: LogInput, tally: Tally) -> Iterator[tuple[int, str, object]]:
+    """The lab's JSON-lines files (host clock): blank lines skipped, each other line with
+    its parsed value (None when it is not JSON; the caller counts it)."""
+    tally.clock = "utc"
+    for n, text in inp.lines(tally):
+        if not text.strip():
+            tally.skip()
+            continue
+        yield n, text, _json_line(text)
+
+
 class QmpLogParser:
     """``qmp.jsonl`` as ``lab.qmp.QmpSession`` writes it: every command, reply, error
     and asynchronous event, one JSON object a line, each with the host's ``t_host_ns``."""
@@ -42,12 +53,7 @@ class QmpLogParser:
         return 0
 
     def parse(self, inp: LogInput, tally: Tally) -> Iterator[Event]:
-        tally.clock = "utc"
-        for n, text in inp.lines(tally):
-            if not text.strip():
-                tally.skip()
-                continue
-            obj = _json_line(text)
+        for n, text, obj in _json_lines(inp, tally):
             t = obj.get("t_host_ns") if isinstance(obj, dict) else None
             if not isinstance(obj, dict) or obj.get("dir") not in _QMP_DIRS \
                     or not isinstance(t, int) or isinstance(t, bool):
@@ -80,12 +86,7 @@ class TimelineParser:
         return 95 if isinstance(obj, dict) and obj.get("type") == "header" else 0
 
     def parse(self, inp: LogInput, tally: Tally) -> Iterator[Event]:
-        tally.clock = "utc"
-        for n, text in inp.lines(tally):
-            if not text.strip():
-                tally.skip()
-                continue
-            obj = _json_line(text)
+        for n, text, obj in _json_lines(inp, tally):
             if isinstance(obj, dict) and obj.get("type") == "header":
                 tally.skip()
                 continue
