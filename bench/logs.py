@@ -92,7 +92,11 @@ def child(mode: str, fmt: str, path: str) -> None:
         out = {"events": len(res.timeline), "violations": len(res.violations),
                "left_out": sum(f.left_out for f in res.files)}
     out["seconds"] = time.perf_counter() - t0
-    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork and exec (the parent's peak)
+    hwm = [ln for ln in Path("/proc/self/status").read_text().splitlines()
+           if ln.startswith("VmHWM:")]
+    out["rss_mb"] = (int(hwm[0].split()[1]) / 1024 if hwm
+                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(out))
 
 
