@@ -68,6 +68,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lab.demo import run_demo
 
     models = [m.strip() for m in args.model.split(",") if m.strip()]
+    if not models:
+        raise UsageError("--model names no model (give one or more, comma-separated: "
+                         "see `rebalab models`)")
     if args.cycles < 1:
         raise UsageError("--cycles must be at least 1")
     result = run_demo(models, _modes(args.mode), cycles=args.cycles, runs_root=Path(args.runs),
@@ -359,6 +362,13 @@ def cmd_timeline(args: argparse.Namespace) -> int:
             print(f"{len(found)} timelines ({names}); showing the first. Use --iteration K.",
                   file=sys.stderr)
         path = found[0]
+    from lab.events import Kind, Source
+    for flag, given, enum in (("--kind", args.kind, Kind), ("--source", args.source, Source)):
+        known = {m.value for m in enum}
+        for value in given or ():
+            if value not in known:
+                raise UsageError(f"{flag} {value[:40]!r} is not one of: "
+                                 f"{', '.join(sorted(known))}")
     tl = Timeline.read(path)
     kinds = [k for k in (args.kind or [])]
     text = render_text(tl, device=args.device, kinds=kinds or None,

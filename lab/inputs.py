@@ -29,10 +29,13 @@ def read_bytes(path: str | os.PathLike[str], what: str, max_bytes: int) -> bytes
         raise SpecError(f"{what} not found: {p}", file=str(p)) from None
     except OSError as exc:
         raise SpecError(f"cannot read {what} ({exc.strerror})", file=str(p)) from None
+    # fstat before fdopen: fdopen itself refuses a directory with IsADirectoryError
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise SpecError(f"{what} is {kind}", file=str(p))
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise SpecError(f"{what} is not a regular file", file=str(p))
         if st.st_size > max_bytes:
             raise SpecError(f"{what} has {st.st_size} bytes, more than the {max_bytes} it may "
                             "have", file=str(p))
