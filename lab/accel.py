@@ -34,7 +34,7 @@ class Accel:
         if self.name == "kvm":
             return ["-accel", "kvm"]
         # TCG emulates RDRAND: with it the guest's CRNG is ready at once, instead of after
-        # ~1 s of jitter entropy that dropbear's first getrandom() waits for (measured
+        # ~1 s of jitter entropy that the SSH server's first getrandom() waits for (measured
         # here: ready marker 7.1 s -> 5.5 s after boot)
         return ["-accel", "tcg", "-cpu", "qemu64,+rdrand"]
 

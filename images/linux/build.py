@@ -38,7 +38,7 @@ REPO = HERE.parent.parent
 DEFAULT_OUT = REPO / "images" / "build" / "linux"
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
-HOST_KEY_GUEST_PATH = "/etc/dropbear/dropbear_ed25519_host_key"
+HOST_KEY_GUEST_PATH = "/etc/ssh/ssh_host_ed25519_key"  # sshd_config: HostKey
 #: Outputs whose sha256 the manifest records (private keys are listed, never hashed).
 PUBLIC_OUTPUTS = ("bzImage", "vmlinux", "initramfs.cpio.gz", "initramfs.txt", "id_ed25519.pub", "host_key.pub")
 PRIVATE_OUTPUTS = ("id_ed25519", "host_key")
@@ -97,7 +97,7 @@ def input_hash(recipe_digest: dict[str, str], drv: dict[str, Any] | None, versio
 
 def top_level_packages(kernel_pkg: str, release: str, with_testdrv: bool) -> list[str]:
     names = [kernel_pkg, recipe.BUSYBOX_PACKAGE]
-    names += [p for p, _ in recipe.PROGRAMS] + [p for p, _ in recipe.DATA]
+    names += [p for p, _ in recipe.PROGRAMS] + [p for p, _ in recipe.DATA] + [recipe.KEYGEN[0]]
     if with_testdrv:
         names += testdrv.header_packages(release)
     return list(dict.fromkeys(names))
@@ -289,8 +289,8 @@ class Builder:
             ihash = input_hash(digest, drv, {n: pool[n].info.version for n in
                                              sorted(set(top) | set(pool.used()))})
             tree.add_file("/etc/rebalab/image.conf", _image_conf(release, ihash, listed), 0o644)
-            tree.add_file(HOST_KEY_GUEST_PATH, host.key.dropbear_private(), 0o600)
-            tree.mkdir("/etc/dropbear", 0o755)
+            # sshd refuses a host key that group or others can read
+            tree.add_file(HOST_KEY_GUEST_PATH, host.key.openssh_private(), 0o600)
             tree.mkdir("/root", 0o700, replace=True)
             tree.mkdir("/root/.ssh", 0o700)
             tree.add_file("/root/.ssh/authorized_keys", client.key.public_line() + "\n", 0o600)
@@ -332,7 +332,9 @@ class Builder:
             "gateway": recipe.GATEWAY,
             "ssh": {"user": recipe.SSH_USER, "key": "id_ed25519", "host_key": "host_key.pub",
                     "port": recipe.SSH_PORT, "host_key_fingerprint": host.key.fingerprint(),
-                    "client_key_fingerprint": client.key.fingerprint(), "auth": "publickey only"},
+                    "client_key_fingerprint": client.key.fingerprint(), "auth": "publickey only",
+                    "server": f"sshd (openssh-server {pool['openssh-server'].info.version})",
+                    "log": "/run/sshd.log"},
             "serial": {"console": "ttyS0", "sync": "ttyS1", "sync_prefix": "rebalab-sync "},
             "kernel_options": {
                 "rebalab.modules=a,b": "extra modules to load at boot",
@@ -363,16 +365,19 @@ class Builder:
         }
 
     def _key_maker(self, tree: cpio.Tree, pool: userland.PackagePool):
-        """How to make a key: the downloaded dropbearkey (run via the guest's own loader and
-        libraries), or Python with --python-keys or when that cannot run on this host."""
+        """How to make a key: the downloaded ssh-keygen of the guest's OpenSSH (run via the
+        guest's own loader and libraries, so the keys come from the same OpenSSH that
+        reads them), or Python with --python-keys or when that cannot run on this host.
+        Either way the result is checked against the Python key code before use."""
         if not self.python_keys:
+            pkg, path = recipe.KEYGEN
             try:
-                cmd = _guest_command(tree, pool, "dropbear-bin", "/usr/bin/dropbearkey")
-                probe = subprocess.run([*cmd, "-h"], capture_output=True, text=True, timeout=20)
-                if "ed25519" in probe.stdout + probe.stderr:
-                    return (lambda comment: keys.generate_dropbearkey(cmd, comment)), "dropbearkey (guest binary)"
+                pool.use(pkg, "keygen")
+                cmd = _guest_command(tree, pool, pkg, path)
+                keys.generate_sshkeygen(cmd, "rebalab-probe")  # a throwaway key: does it run here?
+                return (lambda comment: keys.generate_sshkeygen(cmd, comment)), "ssh-keygen (guest binary)"
             except (OSError, BuildError, subprocess.SubprocessError) as exc:
-                self.p.note(f"keys: cannot run the guest's dropbearkey here ({exc}); using Python")
+                self.p.note(f"keys: cannot run the guest's ssh-keygen here ({exc}); using Python")
         return keys.generate_python, f"python ({keys.crypto_backend()})"
 
 
@@ -421,13 +426,19 @@ def _image_conf(release: str, ihash: str, busybox_listed: bool) -> str:
 
 def _check_tree(tree: cpio.Tree) -> None:
     """The things without which the guest cannot boot or be reached."""
-    need = ["/init", "/bin/sh", "/bin/busybox", "/usr/sbin/dropbear", HOST_KEY_GUEST_PATH,
+    need = ["/init", "/bin/sh", "/bin/busybox", "/usr/sbin/sshd", "/etc/ssh/sshd_config", HOST_KEY_GUEST_PATH,
             "/root/.ssh/authorized_keys", "/etc/passwd", "/etc/mdev.conf", "/lib64/ld-linux-x86-64.so.2"]
     missing = [n for n in need if n not in tree]
     if missing:
         raise BuildError(f"initramfs would lack {missing}")
     if not tree.get("/init").mode & 0o100:  # type: ignore[union-attr]
         raise BuildError("/init is not executable")
+    # sshd exits at start ("Privilege separation user sshd does not exist") without it
+    users = [ln.split(":", 1)[0] for ln in tree.get("/etc/passwd").content().decode().splitlines()]  # type: ignore[union-attr]
+    if "sshd" not in users:
+        raise BuildError("images/linux/rootfs/etc/passwd has no 'sshd' user (sshd's privilege separation needs it)")
+    if tree.get(HOST_KEY_GUEST_PATH).mode & 0o077:  # type: ignore[union-attr]
+        raise BuildError(f"{HOST_KEY_GUEST_PATH} is readable by others: sshd would refuse it")
 
 
 def _guest_command(tree: cpio.Tree, pool: userland.PackagePool, pkg: str, path: str) -> list[str]:
@@ -462,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="download/unpack cache (default: 'cache' next to --out's parent, images/build/cache)")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date, with NEW keys")
     ap.add_argument("--python-keys", action="store_true",
-                    help="generate keys in Python instead of with the downloaded dropbearkey")
+                    help="generate keys in Python instead of with the downloaded ssh-keygen")
     ap.add_argument("--testdrv", type=Path, default=HERE / recipe.TESTDRV_DIR,
                     help="out-of-tree module sources to build into the image if they have a Makefile or "
                          f"Kbuild (default images/linux/{recipe.TESTDRV_DIR})")

@@ -27,17 +27,26 @@ BUSYBOX_PACKAGE = "busybox-static"
 # Programs (package, path in the package); their shared libraries are found by
 # reading DT_NEEDED and taken from downloaded packages.
 PROGRAMS = [
-    ("dropbear-bin", "/usr/sbin/dropbear"),
-    ("openssh-sftp-server", "/usr/lib/openssh/sftp-server"),  # SFTP for paramiko
+    # OpenSSH's server, not dropbear: Debian 12's dropbear 2022.83-1+deb12u3 can close a
+    # session channel before its exec request arrives, then hits "Failed assertion
+    # (common-channel.c:705): '!channel->sent_close'" and drops the whole connection
+    # (fixed upstream in 2024.86 only; README.md: "The SSH server"). OpenSSH is also the
+    # server family Windows guests run.
+    ("openssh-server", "/usr/sbin/sshd"),
+    ("openssh-sftp-server", "/usr/lib/openssh/sftp-server"),  # sshd_config's sftp subsystem
     ("alsa-utils", "/usr/bin/aplay"),
     ("alsa-utils", "/usr/bin/amixer"),
     ("pciutils", "/usr/bin/lspci"),
     ("pciutils", "/usr/bin/setpci"),
 ]
 
+# The guest's own key generator, run on the build host through the guest's loader and
+# libraries to make the image's keys (OpenSSH format). Never copied into the image.
+# Python makes them instead with --python-keys or when it cannot run here.
+KEYGEN = ("openssh-client", "/usr/bin/ssh-keygen")
+
 # Plain files or directories (package, path).
 DATA = [
-    ("openssh-sftp-server", "/usr/lib/sftp-server"),  # symlink where dropbear looks for it
     ("libasound2-data", "/usr/share/alsa"),  # alsa.conf, cards/, pcm/
     ("pci.ids", "/usr/share/misc/pci.ids"),  # names for lspci
 ]
@@ -51,7 +60,7 @@ DATA = [
 CMDLINE = "console=ttyS0,115200 panic=-1 printk.devkmsg=on printk.time=1 quiet"
 
 # Printed (as a kernel log line, so it is never torn by other console output)
-# when the guest is ready: network up and dropbear listening.
+# when the guest is ready: network up and the SSH server (sshd) listening.
 READY_MARKER = "REBALAB-READY"
 # Printed instead when init hit something it cannot recover from; the reason follows on the same line.
 FAILED_MARKER = "REBALAB-FAILED"

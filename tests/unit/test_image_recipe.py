@@ -135,23 +135,39 @@ def test_openssh_private_key_accepted_by_ssh_keygen(tmp_path):
     assert out.stdout.split()[:2] == k.public_line().split()[:2]
 
 
-def test_dropbear_format_round_trip():
-    k = keys.Ed25519Key(RFC8032_SECRET, RFC8032_PUBLIC)
-    blob = k.dropbear_private()
-    assert blob[:15] == b"\0\0\0\x0bssh-ed25519"
-    assert keys.parse_dropbear_private(blob) == k
+def test_openssh_private_key_second_opinion_from_cryptography():
+    pytest.importorskip("cryptography")
+    k = keys.Ed25519Key(RFC8032_SECRET, RFC8032_PUBLIC, "rebalab-test")
+    keys.check_openssh_text(k.openssh_private(), k)
+    other = keys.generate_python("other")
+    with pytest.raises(ValueError, match="different public key"):
+        keys.check_openssh_text(other.openssh_private(), k)
+    with pytest.raises(ValueError, match="cannot read"):
+        keys.check_openssh_text(k.openssh_private().replace("A", "B", 3), k)
 
 
-@pytest.mark.skipif(not shutil.which("dropbearkey"), reason="dropbearkey not installed")
-def test_dropbear_format_accepted_by_dropbearkey(tmp_path):
-    k = keys.generate_python("")
-    p = tmp_path / "hk"
-    p.write_bytes(k.dropbear_private())
-    out = subprocess.run(["dropbearkey", "-y", "-f", str(p)], capture_output=True, text=True, check=True)
-    assert k.public_line().split()[1] in out.stdout
-    # and the other way round: a dropbearkey-made key goes through our parser and check
-    made = keys.generate_dropbearkey(["dropbearkey"], "c")
+def test_pure_python_keys_without_cryptography(tmp_path, monkeypatch):
+    # the fallback when cryptography is not importable: same public key, key files made and reused
+    monkeypatch.setitem(sys.modules, "cryptography", None)
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.asymmetric.ed25519", None)
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.serialization", None)
+    assert keys.crypto_backend() == "pure-python"
+    assert keys.public_from_seed(RFC8032_SECRET) == RFC8032_PUBLIC
+    a = keys.load_or_create(tmp_path, "host_key", "h", False, keys.generate_python)
+    b = keys.load_or_create(tmp_path, "host_key", "h", False, keys.generate_python)
+    assert a.created and not b.created and a.key == b.key
+
+
+@pytest.mark.skipif(not shutil.which("ssh-keygen"), reason="ssh-keygen not installed")
+def test_sshkeygen_generator_is_cross_checked():
+    made = keys.generate_sshkeygen(["ssh-keygen"], "rebalab-c")
     made.check()
+    assert made.comment == "rebalab-c"
+
+
+def test_sshkeygen_generator_failure_is_a_build_error(tmp_path):
+    with pytest.raises(BuildError, match="ssh-keygen failed"):
+        keys.generate_sshkeygen(["false"], "c")
 
 
 def test_keys_are_kept_across_builds_and_replaced_with_force(tmp_path):
@@ -246,6 +262,15 @@ def test_soname_guess_prefers_debian_naming(soname, good, bad):
     assert userland._soname_score(soname, good) <= userland._soname_score(soname, bad)
 
 
+@pytest.mark.parametrize("soname,good,bad", [
+    ("libpam.so.0", "libpam0g", "libpam-modules"),  # both in openssh-server's Depends, -modules first
+    ("libkrb5.so.3", "libkrb5-3", "libkrb5support0"),
+    ("libz.so.1", "zlib1g", "adduser"),
+])
+def test_soname_guess_strictly_better(soname, good, bad):
+    assert userland._soname_score(soname, good) < userland._soname_score(soname, bad)
+
+
 def test_header_package_names():
     assert testdrv.header_packages("6.1.0-56-amd64") == [
         "linux-headers-6.1.0-56-amd64", "linux-headers-6.1.0-56-common", "linux-kbuild-6.1"]
@@ -284,7 +309,35 @@ def test_recipe_contract_values():
         assert m in recipe.MODULES
     lines = (IMAGE_DIR / "host-packages.txt").read_text().split()
     assert {"apt", "dpkg", "kmod"} <= set(lines)
-    assert "busybox-static" not in lines and "dropbear-bin" not in lines  # guest binaries come from downloads
+    assert "busybox-static" not in lines and "openssh-server" not in lines  # guest binaries come from downloads
+    assert ("openssh-server", "/usr/sbin/sshd") in recipe.PROGRAMS
+    assert not any(pkg.startswith("dropbear") for pkg, _ in recipe.PROGRAMS + recipe.DATA)
+
+
+def _sshd_config() -> dict[str, list[str]]:
+    conf: dict[str, list[str]] = {}
+    for ln in (IMAGE_DIR / "rootfs/etc/ssh/sshd_config").read_text().splitlines():
+        if ln.strip() and not ln.lstrip().startswith("#"):
+            key, _, value = ln.strip().partition(" ")
+            conf.setdefault(key.lower(), []).append(value.strip())
+    return conf
+
+
+def test_sshd_config_fits_the_image():
+    conf = _sshd_config()
+    assert conf["hostkey"] == [build.HOST_KEY_GUEST_PATH]  # the file the builder writes
+    assert conf["usepam"] == ["no"] and conf["usedns"] == ["no"]  # no PAM stack, no resolver
+    assert conf["passwordauthentication"] == ["no"] and conf["kbdinteractiveauthentication"] == ["no"]
+    assert conf["permitrootlogin"] == ["prohibit-password"]
+    sftp = conf["subsystem"][0].split()
+    assert sftp[0] == "sftp" and ("openssh-sftp-server", sftp[1]) in recipe.PROGRAMS
+    assert int(conf["maxsessions"][0]) >= 32 and int(conf["maxstartups"][0].split(":")[0]) >= 32
+    # the privilege-separation user, and init making its directory on the fresh /run
+    users = [ln.split(":")[0] for ln in (IMAGE_DIR / "rootfs/etc/passwd").read_text().splitlines()]
+    assert "sshd" in users
+    init = (IMAGE_DIR / "rootfs/init").read_text()
+    assert "mkdir -m 0755 /run/sshd" in init
+    assert "/usr/sbin/sshd -D -E /run/sshd.log" in init  # the log lab/guest.py collects
 
 
 def _shell() -> list[str] | None:
@@ -345,8 +398,9 @@ def test_built_keys_match_initramfs():
            cpio.read_newc(gzip.decompress((BUILT / "initramfs.cpio.gz").read_bytes()))}
     client = keys.parse_openssh_private((BUILT / "id_ed25519").read_text())
     assert img["root/.ssh/authorized_keys"][1].decode().split()[:2] == client.public_line().split()[:2]
-    host = keys.parse_dropbear_private(img[build.HOST_KEY_GUEST_PATH.lstrip("/")][1])
+    host = keys.parse_openssh_private(img[build.HOST_KEY_GUEST_PATH.lstrip("/")][1].decode())
     assert keys.parse_public_line((BUILT / "host_key.pub").read_text()) == host.pub
     assert stat.S_IMODE(img[build.HOST_KEY_GUEST_PATH.lstrip("/")][0]) == 0o600
-    for path in ("init", "bin/busybox", "usr/sbin/dropbear", "usr/bin/aplay", "etc/mdev.conf", "dev/console"):
+    for path in ("init", "bin/busybox", "usr/sbin/sshd", "etc/ssh/sshd_config", "usr/lib/openssh/sftp-server",
+                 "usr/bin/aplay", "etc/mdev.conf", "dev/console"):
         assert path in img, path

@@ -7,7 +7,7 @@ never installs anything on the host: Debian packages are fetched with
 """
 
 #: Bump when the builder's output changes for identical inputs (part of the input hash).
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 
 
 class BuildError(Exception):

@@ -1,13 +1,15 @@
-"""Ed25519 keys for the guest: OpenSSH and dropbear formats, generation, persistence.
+"""Ed25519 keys for the guest: OpenSSH format, generation, persistence.
 
 Formats written here:
-- OpenSSH private key ("openssh-key-v1", unencrypted), readable by ssh-keygen and
-  paramiko (``Ed25519Key.from_private_key_file``);
-- OpenSSH public key line ``ssh-ed25519 AAAA... comment``;
-- dropbear's private key file: string "ssh-ed25519" + string(seed32 || pub32).
+- OpenSSH private key ("openssh-key-v1", unencrypted), readable by the guest's sshd,
+  ssh-keygen and paramiko (``Ed25519Key.from_private_key_file``);
+- OpenSSH public key line ``ssh-ed25519 AAAA... comment``.
 
 The public key is derived from the 32-byte seed with ``cryptography`` when it is
 importable, else with the small RFC 8032 implementation below (slow but exact).
+The private key text is written by the code below in both cases; when
+``cryptography`` is importable, it also reads the text back as a check
+(``check_openssh_text``), so the two implementations vouch for each other.
 """
 
 from __future__ import annotations
@@ -157,9 +159,6 @@ class Ed25519Key:
         body = "\n".join(b64[i:i + 70] for i in range(0, len(b64), 70))
         return f"-----BEGIN OPENSSH PRIVATE KEY-----\n{body}\n-----END OPENSSH PRIVATE KEY-----\n"
 
-    def dropbear_private(self) -> bytes:
-        return _string(KEY_TYPE) + _string(self.seed + self.pub)
-
 
 def parse_openssh_private(text: str) -> Ed25519Key:
     lines = [ln.strip() for ln in text.strip().splitlines()]
@@ -189,16 +188,6 @@ def parse_openssh_private(text: str) -> Ed25519Key:
     return Ed25519Key(secret[:32], pub, comment)
 
 
-def parse_dropbear_private(data: bytes, comment: str = "") -> Ed25519Key:
-    r = _Reader(data)
-    if r.string() != KEY_TYPE:
-        raise ValueError("not a dropbear ssh-ed25519 key")
-    secret = r.string()
-    if len(secret) != 64:
-        raise ValueError("corrupt dropbear ed25519 key")
-    return Ed25519Key(secret[:32], secret[32:], comment)
-
-
 def parse_public_line(line: str) -> bytes:
     parts = line.split()
     if len(parts) < 2 or parts[0] != "ssh-ed25519":
@@ -215,16 +204,43 @@ def generate_python(comment: str) -> Ed25519Key:
     return Ed25519Key(seed, public_from_seed(seed), comment)
 
 
-def generate_dropbearkey(command: list[str], comment: str) -> Ed25519Key:
-    """Generate with dropbearkey (``command`` is how to run it); the result is cross-checked."""
+def generate_sshkeygen(command: list[str], comment: str) -> Ed25519Key:
+    """Generate with OpenSSH's ssh-keygen (``command`` is how to run it); the result is
+    read back by the Python parser and its public half checked against the seed."""
     with tempfile.TemporaryDirectory(prefix="rebalab-key-") as tmp:
         path = Path(tmp) / "key"
-        proc = subprocess.run([*command, "-t", "ed25519", "-f", str(path)], capture_output=True, text=True)
+        try:
+            proc = subprocess.run([*command, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                                  capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30)
+        except subprocess.TimeoutExpired as exc:
+            raise BuildError("ssh-keygen did not finish within 30 s") from exc
         if proc.returncode != 0 or not path.exists():
-            raise BuildError(f"dropbearkey failed ({proc.returncode}): {proc.stderr.strip()}")
-        key = parse_dropbear_private(path.read_bytes(), comment)
-    key.check()
+            raise BuildError(f"ssh-keygen failed ({proc.returncode}): {proc.stderr.strip()}")
+        try:
+            key = parse_openssh_private(path.read_text())
+            if parse_public_line((Path(tmp) / "key.pub").read_text()) != key.pub:
+                raise ValueError("key.pub does not match the private key")
+            key.check()
+        except (ValueError, OSError) as exc:
+            raise BuildError(f"ssh-keygen wrote a key the builder cannot use: {exc}") from exc
     return key
+
+
+def check_openssh_text(text: str, key: Ed25519Key) -> None:
+    """Raise ValueError unless ``cryptography`` (when importable) reads ``text`` as ``key``.
+
+    The private key text is the builder's own serialisation: this is the second
+    opinion, from an independent OpenSSH-format reader."""
+    try:
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_ssh_private_key
+    except ImportError:
+        return
+    try:
+        loaded = load_ssh_private_key(text.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"cryptography cannot read the OpenSSH private key: {exc}") from exc
+    if loaded.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) != key.pub:  # type: ignore[union-attr]
+        raise ValueError("cryptography reads a different public key from the OpenSSH private key")
 
 
 def write_private(path: Path, text: str) -> None:
@@ -268,6 +284,12 @@ def load_or_create(out: Path, name: str, comment: str, force: bool, make) -> Key
         except (ValueError, OSError) as exc:
             raise BuildError(f"{priv}: cannot reuse key ({exc}); delete it or rebuild with --force") from exc
     key = make(comment)
-    write_private(priv, key.openssh_private())
+    text = key.openssh_private()
+    try:
+        check_openssh_text(text, key)
+    except ValueError as exc:
+        raise BuildError(f"{priv}: the new key does not serialise correctly ({exc}); "
+                         "rebuild with --python-keys, and report this") from exc
+    write_private(priv, text)
     write_public(pub, key.public_line() + "\n")
     return KeyPair(key, created=True)

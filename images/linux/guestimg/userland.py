@@ -127,14 +127,20 @@ def install_busybox(tree: Tree, pkg: Unpacked) -> tuple[int, bool]:
 
 # ------------------------------------------------------------ ELF closure ---
 def _soname_score(soname: str, pkg: str) -> int:
+    """How well a package name fits a soname, Debian policy 8.1 style: 0 best, 3 a blind guess.
+
+    libfoo.so.3 is in libfoo3 or libfoo-3 (0); libpam.so.0 in libpam0g, whose suffix
+    starts with the soname version (1), rather than in libpam-modules (2)."""
     m = re.match(r"(.+?)\.so(?:\.(\d+))?", soname)
     base, ver = (m.group(1), m.group(2) or "") if m else (soname, "")
     base = base.lower().replace("_", "-")
     if pkg in (f"{base}{ver}", f"{base}-{ver}"):
         return 0
     rest = pkg[len(base):] if pkg.startswith(base) else None
-    if rest is not None and (rest == "" or rest[0].isdigit() or rest[0] == "-"):  # libfoo.so.N -> libfooM
+    if rest is not None and ver and rest.startswith((ver, f"-{ver}")):  # libpam.so.0 -> libpam0g
         return 1
+    if rest is not None and (rest == "" or rest[0].isdigit() or rest[0] == "-"):  # libfoo.so.N -> libfooM
+        return 2
     core = base[3:] if base.startswith("lib") else base
     if core and pkg.startswith(core):  # libz.so.1 -> zlib1g
         return 2
@@ -228,7 +234,9 @@ def install_programs(tree: Tree, pool: PackagePool, programs: list[tuple[str, st
             if not cands:
                 raise BuildError(f"no package provides {so} (needed by {', '.join(sorted(set(owners[so])))}); "
                                  f"searched {sorted(tried[so] | {d for d in deps if d in pool.pkgs})}")
-            best = min(cands, key=lambda d: (_soname_score(so, d), deps.index(d)))
+            # a blind guess tries library packages first (libcrypto.so.3 is in libssl3,
+            # never in adduser, which openssh-server also depends on)
+            best = min(cands, key=lambda d: (_soname_score(so, d), not d.startswith("lib"), deps.index(d)))
             if _soname_score(so, best) < 3:
                 tried[so].add(best)
                 fetch.append(best)
