@@ -806,6 +806,83 @@ def _link_segments(segments: Sequence[Segment | None], ps: Sequence[Pause],
     return out
 
 
+
+# ---- a request/reply exchange (Windows guests) ----------------------------------------
+# A Windows guest has no serial sync loop: the host asks for the guest's clock over the
+# agent. Each round is Cristian's algorithm, sharpened by a second guest stamp: the
+# guest reports when its command's process was created (the kernel's record, after the
+# host sent the request) and when it read the clock (before it replied), so the guest's
+# own start-up time is discounted from the round trip.
+
+@dataclass(frozen=True)
+class ExchangeSample:
+    """One round: the host stamped ``h_send_ns`` before sending and ``h_recv_ns`` after the
+    reply; the guest's process began at ``g_start_ns`` (None: unknown) and read its
+    clock at ``g_read_ns``, both on the guest clock with ``g_resolution_ns`` of lag."""
+
+    h_send_ns: int
+    h_recv_ns: int
+    g_read_ns: int
+    g_start_ns: int | None = None
+    g_resolution_ns: int = 0
+
+    @property
+    def rtt_ns(self) -> int:
+        return self.h_recv_ns - self.h_send_ns
+
+    @property
+    def guest_ns(self) -> int:
+        """The guest's own time between its two stamps (0 when it gave only one, or when
+        they contradict the round trip: then only the plain interval is trusted)."""
+        if self.g_start_ns is None:
+            return 0
+        d = self.g_read_ns - self.g_start_ns
+        return d if 0 <= d <= self.rtt_ns + self.g_resolution_ns else 0
+
+    def offset_bounds(self) -> tuple[int, int]:
+        """``lo <= host(g) - g <= hi``: the process began after the send, the read was
+        before the reply; each stamp may lag its instant by the resolution."""
+        first = self.g_read_ns - self.guest_ns
+        return (self.h_send_ns - first - self.g_resolution_ns, self.h_recv_ns - self.g_read_ns)
+
+    @property
+    def bound_ns(self) -> int:
+        lo, hi = self.offset_bounds()
+        return max(0, math.ceil((hi - lo) / 2))
+
+    def to_json(self) -> dict[str, Any]:
+        lo, hi = self.offset_bounds()
+        return {"h_send_ns": self.h_send_ns, "h_recv_ns": self.h_recv_ns, "g_read_ns": self.g_read_ns,
+                "g_start_ns": self.g_start_ns, "g_resolution_ns": self.g_resolution_ns,
+                "rtt_ns": self.rtt_ns, "guest_ns": self.guest_ns, "offset_lo_ns": lo,
+                "offset_hi_ns": hi, "bound_ns": self.bound_ns}
+
+
+def best_exchange(samples: Iterable[ExchangeSample]) -> ExchangeSample:
+    """The round whose interval is narrowest: the shortest round trip once the guest's own
+    start-up is discounted (ties: the shorter raw round trip). ``ValueError`` if none."""
+    got = list(samples)
+    if not got:
+        raise ValueError("no clock exchange samples")
+    return min(got, key=lambda s: (s.bound_ns, s.rtt_ns))
+
+
+def exchange_alignment(samples: Sequence[ExchangeSample], *,
+                       method: str = "windows-clock-exchange") -> Alignment:
+    """A fixed offset from the best round: the midpoint of its interval, half its width
+    as the guaranteed bound (drift over the run is not modelled: one exchange at start)."""
+    best = best_exchange(samples)
+    lo, hi = best.offset_bounds()
+    if hi < lo:
+        return Alignment.unknown(f"clock exchange inconsistent: offset interval [{lo}, {hi}] is empty")
+    seg = Segment(offset_ns=(lo + hi) // 2, skew_ppm=0.0, ref_guest_ns=best.g_read_ns,
+                  bound_ns=best.bound_ns, n_samples=len(samples), method=method,
+                  g_lo_ns=best.g_read_ns, g_hi_ns=best.g_read_ns)
+    note = (f"{method}: best of {len(samples)} rounds, round trip {best.rtt_ns / 1e6:.1f} ms "
+            f"(guest start-up {best.guest_ns / 1e6:.1f} ms discounted), bound +/-{best.bound_ns / 1e6:.1f} ms")
+    return Alignment(segments=(seg,), n_samples=len(samples), notes=(note,))
+
+
 def _opt_int(v: Any) -> int | None:
     return None if v is None else int(v)
 

@@ -60,13 +60,14 @@ from lab.errors import (
 from lab.events import Event
 from lab.image import GuestImage
 from vdevice.inventory import QemuInventory
-from vdevice.topology import Topology
+from vdevice.topology import Placement, Topology
 
 if TYPE_CHECKING:
     from lab.agent.winrm import WinRmConfig, WinRmCredentials
     from lab.console import Console
     from lab.qemu_process import QemuProcess
     from lab.qmp import QmpSession
+    from lab.tracers.windows.tracer import WindowsTraceConfig
     from lab.windows.vmconfig import OvmfPaths
 
 GuestOs = Literal["linux", "windows"]
@@ -214,7 +215,7 @@ class GuestBoot(abc.ABC):
 # ================================================================ Linux
 
 class LinuxGuest(GuestBoot):
-    """The built-in Linux image: direct kernel boot, ready marker on ttyS0, dropbear over SSH."""
+    """The built-in Linux image: direct kernel boot, ready marker on ttyS0, OpenSSH sshd."""
 
     os: GuestOs = "linux"
     agent_kind: AgentKind = "ssh"
@@ -251,8 +252,8 @@ class LinuxGuest(GuestBoot):
         agent.wait_ready(seconds("agent_ready"))
 
     def before_stop(self, m: MachineView, agent: Agent) -> None:
-        """Keep the guest's kernel log, and dropbear's own log when SSH was ever lost
-        (its exit reason is the only trace of why a connection went down)."""
+        """Keep the guest's kernel log, and sshd's own log when SSH was ever lost
+        (the server's side of why a connection went down)."""
         try:
             text = agent.run("dmesg", timeout=10).stdout
         except LabError:
@@ -260,17 +261,20 @@ class LinuxGuest(GuestBoot):
         (m.artifacts / "dmesg.txt").write_text(text)
         if getattr(agent, "reconnects", 0):
             try:
-                log = agent.run("cat /run/dropbear.log", timeout=10).stdout
+                log = agent.run("cat /run/sshd.log", timeout=10).stdout
             except LabError:
                 return
-            (m.artifacts / "dropbear.log").write_text(log)
+            (m.artifacts / "sshd.log").write_text(log)
 
     def shutdown_steps(self, m: MachineView, agent: Agent | None) -> list[ShutdownStep]:
         steps: list[ShutdownStep] = []
         if isinstance(agent, SshAgent):
             ssh = agent
             # fire and forget: poweroff -f takes the connection down with it
-            steps.append(("guest-poweroff", lambda: ssh.open("poweroff -f") and None))
+            def poweroff() -> None:
+                ssh.open("poweroff -f")
+
+            steps.append(("guest-poweroff", poweroff))
         if m.qmp is not None:
             q = m.qmp
             steps.append(("qmp-quit", lambda: q.execute("quit", timeout=2)))
@@ -470,7 +474,8 @@ class WindowsGuest(GuestBoot):
                  ssh_key: str | Path | None = None, winrm: Mapping[str, Any] | None = None,
                  credentials: WinRmCredentials | None = None, ovmf: OvmfPaths | None = None,
                  qemu_img: str = "qemu-img", probe_image: GuestImage | None = None,
-                 hyperv_probe: Callable[[str], frozenset[str] | None] | None = probe_hyperv) -> None:
+                 hyperv_probe: Callable[[str], frozenset[str] | None] | None = probe_hyperv,
+                 trace_config: WindowsTraceConfig | None = None) -> None:
         from lab.windows.image import load_manifest
         from lab.windows.vmconfig import AGENT_GUEST_PORT, OvmfPaths
 
@@ -483,6 +488,9 @@ class WindowsGuest(GuestBoot):
             raise ConfigError(f"Windows guests need at least 4096 MiB of memory, got {memory_mb}")
         if smp < 1:
             raise ConfigError("smp must be at least 1")
+        # the driver's WPP/TraceLogging trace (scenario guest.trace); every Observation's
+        # WindowsTracer uses it (lab.observe)
+        self.trace_config = trace_config
         self.image_path = Path(image_path).expanduser().absolute()
         if not self.image_path.is_file():
             raise ConfigError(f"Windows image not found: {self.image_path} (build one with "
@@ -753,6 +761,7 @@ class WindowsGuest(GuestBoot):
             try:
                 agent.wait_ready(max(1.0, min(READY_SLICE_S, dl.remaining())))
                 check_machine(m)
+                self._check_driver_bound(m, agent)
                 return
             except DeadlineExceeded as exc:
                 last = exc.last_seen or str(exc)
@@ -760,6 +769,26 @@ class WindowsGuest(GuestBoot):
                 check_machine(m)
                 shot = self._screendump(m, "ready-timeout-screen.ppm")
                 raise DeadlineExceeded(dl.what, total, last + (f"; screen saved to {shot}" if shot else ""))
+
+    def _check_driver_bound(self, m: MachineView, agent: Agent) -> None:
+        """Once per image: the driver ``image windows --driver`` staged is bound to each
+        cold device under test (pnputil only staged it when the install VM had no such
+        device, exit 259). Hot-plugged devices are checked by their plug wait."""
+        driver = self.manifest.get("driver")
+        if not driver or getattr(self, "_driver_checked", False):
+            return
+        from lab.windows.driver_check import verify_bound
+        from vdevice.catalog import MODELS, Role
+
+        for dev in m.topology.devices:
+            model = MODELS.get(dev.model)
+            if dev.placement == Placement.COLD and model is not None and \
+                    model.role in (Role.AUDIO, Role.TEST):
+                found = verify_bound(agent, driver, model)
+                if found is not None:
+                    m.log(f"driver check: {dev.id} is {found.instance_id}, bound to "
+                          f"{found.driver_inf or '?'}")
+        self._driver_checked = True
 
     @staticmethod
     def _screendump(m: MachineView, name: str) -> Path | None:

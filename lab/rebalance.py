@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from typing import Any
 
 from lab import operations as ops
@@ -25,7 +26,7 @@ from vdevice.sizes import fmt_size
 from vdevice.topology import Device, Placement
 from vdevice.windows import size_to_force_rebalance
 
-TRIGGERS = ("pressure", "rescan", "cpu-hotplug", "reconfigure", "resize")
+TRIGGERS = ("pressure", "rescan", "cpu-hotplug", "reconfigure", "resize", "wdtf")
 RUNTIME_TRACE = ("pci_cfg_write",)
 
 
@@ -144,9 +145,29 @@ def enable_runtime_trace(m: Machine) -> None:
     m._runtime_trace_on = True  # type: ignore[attr-defined]
 
 
+def _windows(m: Machine) -> bool:
+    return getattr(getattr(m, "guest", None), "os", "linux") == "windows"
+
+
 def _driver(m: Machine, dev_id: str) -> str | None:
+    """The Linux driver bound to the device (sysfs). A Windows guest's device state comes
+    from Get-PnpDevice in the trigger itself (``_windows_state``), never from sysfs."""
+    if _windows(m):
+        return None
     bdf = ops.device_bdf_from_qemu(m, dev_id)
     return ops.guest_driver(m, bdf) if bdf else None
+
+
+def _windows_state(m: Machine, hardware_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Present devnodes matching ``hardware_ids`` (Get-PnpDevice: instance id, status,
+    problem code, driver INF), as JSON for the report."""
+    from lab.tracers.windows.common import run_structured
+    from lab.windows import driver_check
+
+    assert m.agent is not None
+    found = driver_check.parse_state(run_structured(m.agent, driver_check.state_script(hardware_ids)))
+    return [{"instance_id": d.instance_id, "status": d.status, "problem_code": d.problem_code,
+             "problem": d.problem, "driver_inf": d.driver_inf} for d in found]
 
 
 def _begin(m: Machine, trigger: str, dev_id: str) -> tuple[RebalanceReport, Evidence]:
@@ -215,7 +236,8 @@ def rescan(m: Machine, dev_id: str, *, remove: str = "port") -> RebalanceReport:
 
 
 def pressure(m: Machine, dev_id: str, *, size: int | None = None, placement: str = "sibling",
-             model: str = "pci-testdev", pressure_id: str = "pressure0") -> RebalanceReport:
+             model: str = "pci-testdev", pressure_id: str | None = None,
+             port: str | None = None) -> RebalanceReport:
     """Hot-plug a device whose BAR does not fit its port's window, next to ``dev_id``.
 
     In native mode Linux retries ("No. 2 try to assign unassigned res"), releasing and
@@ -225,7 +247,9 @@ def pressure(m: Machine, dev_id: str, *, size: int | None = None, placement: str
     if get_model(model).role != Role.PRESSURE:
         raise LabError(f"{model} is not a pressure device (use pci-testdev or ivshmem-plain)")
     rep, ev = _begin(m, "pressure", dev_id)
-    port = _pressure_port(m, dev_id, placement)
+    # the scenario model's default id (RebalancePressure.pressure_id), one name everywhere
+    pressure_id = pressure_id or f"{dev_id}-pressure"
+    port = port or _pressure_port(m, dev_id, placement)
     win = ev.before.find(port)
     if size is None:
         if win is None or win.windows is None:
@@ -239,17 +263,20 @@ def pressure(m: Machine, dev_id: str, *, size: int | None = None, placement: str
     rep.durations_ms["device_add"] = (time.monotonic() - t0) * 1e3
     assert m.agent is not None
     bdf = ops.device_bdf_from_qemu(m, pressure_id)
+    rep.details.update({"pressure_device": pressure_id, "pressure_port": port,
+                        "pressure_size": size, "hotplug_mode": m.topology.hotplug_mode.value})
+    if _windows(m):
+        return _pressure_windows(m, rep, ev, dev_id, pressure_id, model, t0)
+    agent = m.agent
     # the guest enumerates the newcomer and, in native mode, retries the assignment;
     # wait until its sysfs node exists, then until the BAR is settled (assigned or not)
     poll(f"{pressure_id} to appear in the guest", seconds("driver_bound"),
-         lambda: True if m.agent.run_argv(["test", "-e", f"/sys/bus/pci/devices/{bdf}"]).ok  # type: ignore[union-attr]
+         lambda: True if agent.run_argv(["test", "-e", f"/sys/bus/pci/devices/{bdf}"]).ok
          else None)
     rep.durations_ms["guest_sees"] = (time.monotonic() - t0) * 1e3
     bar_index = 2 if model in ("pci-testdev", "ivshmem-plain") else 0
     assigned = _guest_bar_assigned(m, bdf, bar_index)
-    rep.details.update({"pressure_device": pressure_id, "pressure_port": port,
-                        "pressure_size": size, "pressure_bar_assigned": assigned,
-                        "hotplug_mode": m.topology.hotplug_mode.value})
+    rep.details["pressure_bar_assigned"] = assigned
     rep.notes.append(f"pressure BAR{bar_index} ({fmt_size(size)}) "
                      + ("was assigned: the guest made room" if assigned else
                         "stayed unassigned: the guest did not rebalance for it"))
@@ -257,6 +284,47 @@ def pressure(m: Machine, dev_id: str, *, size: int | None = None, placement: str
     if rep.driver_before:
         rep.notes.append(f"{dev_id}'s driver {'is still bound' if rep.driver_after else 'is NOT bound'}"
                          f" ({rep.driver_after or rep.driver_before})")
+    return _end(m, rep, ev)
+
+
+def _pressure_windows(m: Machine, rep: RebalanceReport, ev: Evidence, dev_id: str,
+                      pressure_id: str, model: str, t0: float) -> RebalanceReport:
+    """The guest half of ``pressure`` on Windows: no sysfs, only the host's query-pci diff
+    (``Evidence``) and the PnP state of both devices from Get-PnpDevice.
+
+    Windows hands resources to a device it starts (the arbiter assigns them on the way
+    to IRP_MN_START_DEVICE); pci-testdev/ivshmem have no in-box driver, so the newcomer
+    is expected to sit with a problem code and take nothing, in which case nothing
+    rebalances (unverified on a real guest: the report shows what happened).
+    """
+    pressure_hwids = tuple(h for h in (get_model(model).windows_hwid,) if h)
+    audio = m.topology.device(dev_id).catalog()
+    audio_hwids = tuple(h for h in (audio.windows_hwid,) if h)
+
+    if not pressure_hwids:
+        raise LabError(f"{model} has no Windows hardware id in the catalog: the guest's view of "
+                       "it cannot be checked")
+
+    def seen() -> list[dict[str, Any]] | None:
+        found = _windows_state(m, pressure_hwids)
+        return found or None
+
+    # each probe is a PowerShell launch in the guest: at most one a second
+    state = poll(f"{pressure_id} ({', '.join(pressure_hwids)}) to appear in the guest's "
+                 "Get-PnpDevice", seconds("driver_bound"), seen, ceiling=1.0)
+    rep.durations_ms["guest_sees"] = (time.monotonic() - t0) * 1e3
+    after = _windows_state(m, audio_hwids) if audio_hwids else []
+    rep.details.update({"pressure_guest_state": state, "device_guest_state": after})
+    for d in state:
+        what = (f"problem code {d['problem_code']} ({d['problem']})" if d["problem_code"]
+                else f"status {d['status']}")
+        rep.notes.append(f"pressure device {d['instance_id']}: {what} in the guest"
+                         + ("; a device Windows does not start takes no resources, so "
+                            "nothing had to move" if d["problem_code"] else ""))
+    for d in after:
+        rep.notes.append(f"{dev_id} ({d['instance_id']}): status {d['status']}"
+                         + (f", problem code {d['problem_code']} ({d['problem']})"
+                            if d["problem_code"] else ""))
     return _end(m, rep, ev)
 
 
@@ -330,8 +398,20 @@ def cpu_hotplug(m: Machine, dev_id: str | None = None) -> RebalanceReport:
         raise Unsupported(f"no free vCPU slot: the topology has cpus={m.topology.cpus}, "
                           f"max_cpus={m.topology.max_cpus}; raise max_cpus")
     slot = sorted(free, key=lambda s: tuple(sorted(s["props"].items())))[0]
-    n_before = _guest_cpus(m)
     cpu_id = f"cpu{len(slots) - len(free)}"
+    if _windows(m):
+        # the scenario loader refused this on Windows 10/11 (lab.scenario.loader,
+        # CPU_HOTPLUG_CLIENT): here a Windows Server guest; the host's diff is the evidence
+        t0 = time.monotonic()
+        m.qmp.execute("device_add", {"driver": slot["type"], "id": cpu_id, **slot["props"]})
+        rep.durations_ms["device_add"] = (time.monotonic() - t0) * 1e3
+        rep.details.update({"cpu": cpu_id, "props": slot["props"]})
+        rep = _end(m, rep, ev)
+        rep.notes.append("Windows Server: a processor hot-add makes a dynamically partitionable "
+                         "server rebalance; " + (f"{len(rep.changes)} PCI resource change(s) seen"
+                                                 if rep.changes else "no PCI resource moved"))
+        return rep
+    n_before = _guest_cpus(m)
     t0 = time.monotonic()
     m.qmp.execute("device_add", {"driver": slot["type"], "id": cpu_id, **slot["props"]})
     rep.durations_ms["device_add"] = (time.monotonic() - t0) * 1e3
@@ -391,9 +471,70 @@ def _ext_caps(m: Machine, bdf: str) -> list[int]:
     return caps
 
 
+def wdtf(m: Machine, dev_id: str, *, action: str, target: str = "pci",
+         instance: str | None = None) -> RebalanceReport:
+    """Windows: WDTF's Enhanced Device Testing puts ``dev_id`` through ``action``
+    (``lab.windows.wdtf``: restart, rebalance, cancel-stop, fail-restart).
+
+    The EDT filter is attached first (its ``Enable`` restarts the device, so it runs
+    before the evidence starts); then the action runs inside ``query-pci`` snapshots and
+    QEMU's trace. For ``rebalance`` the host's diff is the proof: WDTF's success flag
+    says the request went through, a BAR of ``dev_id`` that moved says Windows really
+    gave the device new resources, and the report says plainly when none moved (the
+    stop is not guaranteed: another driver may veto the query-stop).
+    """
+    from lab.windows import wdtf as W
+
+    if not _windows(m):
+        raise Unsupported("the wdtf trigger drives WDTF in a Windows guest; on Linux use rescan")
+    method = W.method_for(action)
+    dev = m.topology.device(dev_id)
+    model = dev.catalog()
+    if target == "function":
+        hwids = model.function_hwids
+        if not hwids:
+            raise LabError(f"{dev_id} ({model.driver}) has no function devnode: only an HD Audio "
+                           "controller has one (use target: pci)")
+    elif target == "pci":
+        hwids = tuple(h for h in (model.windows_hwid,) if h)
+        if not hwids:
+            raise LabError(f"{model.driver} has no Windows hardware id in the catalog")
+    else:
+        raise LabError(f"wdtf target must be pci or function, not {target!r}")
+    if dev_id not in m.present:
+        raise LabError(f"{dev_id} is not plugged in; plug it before the wdtf {action}")
+    assert m.agent is not None
+    prepared = W.prepare(m.agent, W.WdtfTarget(hardware_ids=hwids, instance_id=instance))
+    rep, ev = _begin(m, f"wdtf-{action}", dev_id)
+    outcome = W.run_action(m.agent, action, prepared.instance_id)
+    rep.durations_ms[method] = outcome.elapsed_ms if outcome.elapsed_ms is not None else \
+        (time.time_ns() - rep.started_ns) / 1e6
+    rep.details.update({"wdtf": outcome.to_json(), "target": target,
+                        "edt_enabled_by_lab": prepared.enabled_now})
+    if prepared.enabled_now:
+        rep.notes.append(f"EDT filter attached to {prepared.instance_id} (Enable restarted the "
+                         "device before the evidence began)")
+    rep.notes.append(outcome.summary())
+    rep.notes.append(f"expected: {W.EXPECTED[action]}")
+    rep = _end(m, rep, ev)
+    moved = [c for c in rep.changes if c.device == dev_id and c.what.startswith("BAR")
+             and c.old_address != c.new_address]
+    rep.details["bar_moves"] = [c.to_json() for c in moved]
+    if action == "rebalance":
+        rep.notes.append(
+            "the host saw " + ", ".join(f"{c.what} {c.old} -> {c.new}" for c in moved)
+            if moved else
+            f"the host saw no BAR of {dev_id} move: Windows kept its resources (a veto of the "
+            "query-stop, or the same range assigned again); this was no rebalance onto new "
+            "resources")
+    elif moved:
+        rep.notes.append(f"{dev_id}'s BARs moved although {action} keeps the resources")
+    return rep
+
+
 def run_trigger(m: Machine, trigger: str, dev_id: str, **kw: Any) -> RebalanceReport:
     fn = {"pressure": pressure, "rescan": rescan, "cpu-hotplug": cpu_hotplug,
-          "reconfigure": reconfigure, "resize": resize}.get(trigger)
+          "reconfigure": reconfigure, "resize": resize, "wdtf": wdtf}.get(trigger)
     if fn is None:
         raise LabError(f"unknown trigger {trigger!r}; triggers: {', '.join(TRIGGERS)}")
     return fn(m, dev_id, **kw)  # type: ignore[operator]

@@ -51,6 +51,12 @@ class DeviceModel:
     quirks: tuple[str, ...] = ()
     codecs: tuple[str, ...] = ()      # codec models this controller can carry
     defaults: dict[str, str] = field(default_factory=dict)
+    # an HDA codec's own ids (QEMU hw/audio/hda-codec-common.h: vendor QEMU_HDA_ID_VENDOR
+    # 0x1af4; device 0x11/0x21/0x31 for output/duplex/micro with mixer=off and
+    # 0x12/0x22/0x32 with mixer=on, QEMU's default; the subsystem id repeats vendor:device)
+    hda_vendor_id: int | None = None
+    hda_device_id: int | None = None          # with mixer=off (the lab's default)
+    hda_device_id_mixer: int | None = None    # with mixer=on (QEMU's default)
 
     @property
     def pci_id(self) -> str | None:
@@ -65,10 +71,44 @@ class DeviceModel:
             return None
         return f"PCI\\VEN_{self.vendor_id:04X}&DEV_{self.device_id:04X}"
 
+    def windows_function_hwid(self, *, mixer: bool = False) -> str | None:
+        """An HDA codec's audio function devnode as Windows' HD Audio bus driver names it.
+
+        learn.microsoft.com/windows-hardware/drivers/install/identifiers-for-hdaudio-devices:
+        ``HDAUDIO\\FUNC_01&VEN_vvvv&DEV_dddd&SUBSYS_ssssssss&REV_rrrr``, FUNC_01 being the
+        audio function group; the bus driver reports the full id first and, second, "a
+        more generic reference without the revision number", which is what this returns
+        (so it is also a prefix of the full id and of the instance id). A PortCls
+        function driver's INF matches this id, not the controller's PCI id.
+        """
+        if self.hda_vendor_id is None or self.hda_device_id is None:
+            return None
+        dev = self.hda_device_id_mixer if mixer and self.hda_device_id_mixer is not None \
+            else self.hda_device_id
+        return (f"HDAUDIO\\FUNC_01&VEN_{self.hda_vendor_id:04X}&DEV_{dev:04X}"
+                f"&SUBSYS_{self.hda_vendor_id:04X}{dev:04X}")
+
+    @property
+    def function_hwids(self) -> tuple[str, ...]:
+        """For an HDA controller: the function devnode ids of every codec it can carry
+        (both mixer settings), where a Windows audio driver binds; empty otherwise."""
+        out: list[str] = []
+        for name in self.codecs:
+            codec = MODELS.get(name)
+            if codec is None:
+                continue
+            for mixer in (False, True):
+                hwid = codec.windows_function_hwid(mixer=mixer)
+                if hwid is not None and hwid not in out:
+                    out.append(hwid)
+        return tuple(out)
+
     def to_json(self) -> dict[str, object]:
         return {
             "driver": self.driver, "role": self.role.value, "title": self.title,
             "pci_id": self.pci_id, "windows_hwid": self.windows_hwid,
+            "windows_function_hwid": self.windows_function_hwid(),
+            "windows_function_hwids": list(self.function_hwids),
             "linux_driver": self.linux_driver, "hotpluggable": self.hotpluggable,
             "emits_device_deleted": self.emits_device_deleted, "quirks": list(self.quirks),
         }
@@ -99,11 +139,14 @@ MODELS: dict[str, DeviceModel] = {m.driver: m for m in (
                 "virtio-pci", "virtio_snd", audio_backend=True, min_qemu=(8, 2, 0),
                 bars=(Bar(4, "mem64-pref", 0x4000),)),
     DeviceModel("hda-duplex", Role.CODEC, "HDA codec: line out + line in", bus_kind="hda",
-                hotpluggable=False, audio_backend=True, defaults={"mixer": "off"}),
+                hotpluggable=False, audio_backend=True, defaults={"mixer": "off"},
+                hda_vendor_id=0x1AF4, hda_device_id=0x0021, hda_device_id_mixer=0x0022),
     DeviceModel("hda-output", Role.CODEC, "HDA codec: line out", bus_kind="hda",
-                hotpluggable=False, audio_backend=True, defaults={"mixer": "off"}),
+                hotpluggable=False, audio_backend=True, defaults={"mixer": "off"},
+                hda_vendor_id=0x1AF4, hda_device_id=0x0011, hda_device_id_mixer=0x0012),
     DeviceModel("hda-micro", Role.CODEC, "HDA codec: speaker + microphone", bus_kind="hda",
-                hotpluggable=False, audio_backend=True, defaults={"mixer": "off"}),
+                hotpluggable=False, audio_backend=True, defaults={"mixer": "off"},
+                hda_vendor_id=0x1AF4, hda_device_id=0x0031, hda_device_id_mixer=0x0032),
     DeviceModel("pci-testdev", Role.PRESSURE, "QEMU PCI test device (membar= sets a 64-bit "
                 "prefetchable BAR)", 0x1B36, 0x0005, None, None,
                 bars=(Bar(0, "mem32", 0x1000), Bar(1, "io", 0x100), Bar(2, "mem64-pref", None))),

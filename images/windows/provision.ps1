@@ -19,6 +19,9 @@
       8. SetupAPI device-install log at verbose level
       9. optional driver: test certificate into Root and TrustedPublisher,
          pnputil /add-driver <inf> /subdirs /install, result in manifest.json
+         (259 = staged, no matching device: the install VM has none)
+      9b. optional WDTF runtime (--wdtf): msiexec /i of each *WDTF*.msi, then a check
+         that the WDTF COM object can be created; result in manifest.json
      10. guest facts (edition, build, SSH host key + fingerprint, WinRM thumbprint)
          to facts.json, which the image builder reads back
      11. shut down (the builder waits for the power-off)
@@ -214,13 +217,79 @@ if ($config.driver_dir) {
             $certs += $c.Name
         }
         $r = Invoke-Native 'pnputil.exe' @('/add-driver', (Join-Path $dst '*.inf'), '/subdirs', '/install')
+        # PnPUtil return values, learn.microsoft.com/windows-hardware/drivers/devtest/pnputil-return-values:
+        #   0    ERROR_SUCCESS
+        #   259  ERROR_NO_MORE_ITEMS: no device matches the driver (or it already has a better
+        #        one). The install VM has no virtual device under test, so this is the normal
+        #        outcome here: the package is staged in the driver store, nothing installed;
+        #        the lab's first boot with the device checks that it binds.
+        #   3010 ERROR_SUCCESS_REBOOT_REQUIRED
+        # (1641, reboot initiated, needs /reboot, which is not passed.) lab/windows/driver_check.py
+        # holds the same table; tests/unit/test_windows_driver_install.py keeps them equal.
+        $PnputilOutcome = @{ 0 = 'installed'; 259 = 'staged-no-device'; 3010 = 'installed-reboot-required' }
+        # the oemNN.inf names the packages were published as (what DEVPKEY_Device_DriverInfPath
+        # of a bound device shows), from the DISM module: Get-WindowsDriver -Online lists
+        # third-party packages with Driver (oemNN.inf) and OriginalFileName (the INF's path
+        # in the driver store); learn.microsoft.com/powershell/module/dism/get-windowsdriver
+        $infs = @(Get-ChildItem -LiteralPath $dst -Recurse -Filter *.inf | ForEach-Object { $_.Name.ToLowerInvariant() })
+        $published = @()
+        try {
+            foreach ($d in @(Get-WindowsDriver -Online)) {
+                $leaf = [IO.Path]::GetFileName([string]$d.OriginalFileName).ToLowerInvariant()
+                if ($infs -contains $leaf) { $published += [ordered]@{ inf = $leaf; published_name = [string]$d.Driver } }
+            }
+        } catch { Write-Warning "Get-WindowsDriver failed: $($_.Exception.Message)" }
+        $status = if ($PnputilOutcome.ContainsKey([int]$r.Code)) { $PnputilOutcome[[int]$r.Code] } else { 'failed' }
         $manifest['driver'] = [ordered]@{
             source = $config.driver_dir; copied_to = $dst; certificates = $certs
-            pnputil_exit_code = $r.Code; pnputil_output = $r.Output
+            pnputil_exit_code = $r.Code; pnputil_output = $r.Output; status = $status
+            infs = $infs; published = $published
         }
-        # 0 = done; 3010 = done, reboot required (ERROR_SUCCESS_REBOOT_REQUIRED)
-        if ($r.Code -ne 0 -and $r.Code -ne 3010) { throw "pnputil exit code $($r.Code)" }
-        "pnputil $($r.Code)"
+        if ($status -eq 'failed') { throw "pnputil exit code $($r.Code)" }
+        "pnputil $($r.Code) ($status)"
+    }
+}
+
+# 9b. --------------------------------------------------------------- WDTF runtime
+# learn.microsoft.com/windows-hardware/drivers/wdtf/wdtf-runtime-library: the WDTF
+# installation files (*.msi, *.cab) of the test computer's architecture come from the
+# WDK's Windows Kits\10\Testing\Runtimes and are installed with msiexec /i.
+# learn.microsoft.com/windows-server/administration/windows-commands/msiexec: /qn (no UI),
+# /norestart, /l*v LOGFILE (verbose log). Msiexec's exit status is a system error code
+# (learn.microsoft.com/windows/win32/msi/command-line-options): 0 success,
+# 3010 ERROR_SUCCESS_REBOOT_REQUIRED (the build's final shutdown completes it).
+# The check at the end creates the WDTF aggregation object the lab uses
+# (lab/windows/wdtf.py tries the same progids).
+if ($config.wdtf_dir) {
+    Invoke-Step 'wdtf' {
+        $src = Join-Path $Drive $config.wdtf_dir
+        $dst = 'C:\rebalab\wdtf'
+        New-Item -ItemType Directory -Force -Path $dst | Out-Null
+        Copy-Item -Path (Join-Path $src '*') -Destination $dst -Recurse -Force
+        $msis = @(Get-ChildItem -LiteralPath $dst -Filter *.msi | Where-Object { $_.Name -like '*WDTF*' } |
+            Sort-Object -Property Name)
+        $installed = @()
+        $wdtfResult = [ordered]@{ msis = @(); com_ok = $false; progid = $null; error = $null }
+        $manifest['wdtf'] = $wdtfResult
+        if ($msis.Count -eq 0) { $wdtfResult.error = 'no *WDTF*.msi in the --wdtf folder'; throw $wdtfResult.error }
+        foreach ($m in $msis) {
+            $log = Join-Path $dst ($m.BaseName + '.install.log')
+            $proc = Start-Process -FilePath 'msiexec.exe' -Wait -PassThru -ArgumentList @(
+                '/i', ('"{0}"' -f $m.FullName), '/qn', '/norestart', '/l*v', ('"{0}"' -f $log))
+            $wdtfResult.msis += [ordered]@{ msi = $m.Name; exit_code = $proc.ExitCode; log = $log }
+            if (@(0, 3010) -notcontains [int]$proc.ExitCode) {
+                $wdtfResult.error = "msiexec $($m.Name) exit code $($proc.ExitCode) (log $log)"
+                throw $wdtfResult.error
+            }
+            $installed += $m.Name
+        }
+        foreach ($progId in @('WDTF2.WDTF', 'WDTF.WDTF')) {
+            try { $null = New-Object -ComObject $progId; $wdtfResult.com_ok = $true; $wdtfResult.progid = $progId; break }
+            catch { $wdtfResult.error = "New-Object -ComObject ${progId}: $($_.Exception.Message)" }
+        }
+        if (-not $wdtfResult.com_ok) { throw $wdtfResult.error }
+        $wdtfResult.error = $null
+        "installed $($installed -join ', '); COM $($wdtfResult.progid)"
     }
 }
 

@@ -12,6 +12,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from lab.errors import AgentError
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,32 @@ class Agent(abc.ABC):
         """Block until the guest answers a trivial command, or raise DeadlineExceeded."""
 
     @abc.abstractmethod
-    def run(self, command: str, timeout: float | None = None) -> CommandResult:
-        """Run a command line already built with ``self.shell``."""
+    def run(self, command: str, timeout: float | None = None, *,
+            idempotent: bool = False) -> CommandResult:
+        """Run a command line already built with ``self.shell``. ``idempotent`` (a query,
+        a wait on a state) lets an agent that lost its connection mid-way run it once
+        more; an agent that cannot tell may ignore it."""
+
+    #: whether ``open``/``collect`` work: a command started now and read later (the
+    #: waits the lab pipelines with a host action, background jobs). WinRM has no
+    #: channel to leave running; SSH has.
+    can_start: bool = False
+
+    def open(self, command: str) -> Any:
+        """Start ``command`` and return a handle for ``collect``."""
+        raise AgentError(f"{type(self).__name__} cannot start a command and read it later; "
+                         "use an SSH agent for background commands and pipelined waits")
+
+    def collect(self, handle: Any, command: str, timeout: float, t0: float | None = None,
+                stdin: bytes | None = None) -> CommandResult:
+        """Read a command started with ``open`` to its end under a deadline."""
+        raise AgentError(f"{type(self).__name__} cannot read a started command")
 
     def run_argv(self, argv: Sequence[str], timeout: float | None = None, *,
                  idempotent: bool = False) -> CommandResult:
         """``argv`` quoted for the guest's shell. ``idempotent`` marks a query an agent
         may run again after losing its connection (the SSH agent does)."""
-        return self.run(self.shell.join(argv), timeout=timeout)
+        return self.run(self.shell.join(argv), timeout=timeout, idempotent=idempotent)
 
     @abc.abstractmethod
     def stream(self, command: str, stop: threading.Event | None = None) -> Iterator[str]:

@@ -29,6 +29,7 @@ Why it is built this way
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -227,6 +228,57 @@ def structured_script(template: str, params: Mapping[str, PsValue] | None = None
     return build_script(body, params)
 
 
+# ---------------------------------------------------------------- file transfer templates
+# Byte-exact file copy through PowerShell, for agents with no file channel (WinRM) and
+# as the Windows SSH agent's fallback when the guest offers no SFTP subsystem. Bytes
+# travel base64-encoded inside the script ($p.Data) and are written with .NET's
+# System.IO.File/FileStream (binary), never through the text pipeline (Get-Content /
+# Set-Content, which decode and re-encode text and add or drop line endings). A copy goes
+# to ``<path>.rebalab-part``, is checked by SHA-256 (FILE_HASH_PREFIX, which hashes the
+# first Length bytes, or the whole file for -1) and is moved into place only then.
+
+FILE_PUT_BEGIN = """
+$dir = Split-Path -Parent $p.Path
+if ($dir -and -not (Test-Path -LiteralPath $dir)) { New-Item -ItemType Directory -Path $dir -Force | Out-Null }
+[IO.File]::WriteAllBytes($p.Part, [byte[]]@())
+"""
+FILE_PUT_CHUNK = """
+$b = [Convert]::FromBase64String($p.Data)
+$f = [IO.File]::Open($p.Part, [IO.FileMode]::Append, [IO.FileAccess]::Write)
+try { $f.Write($b, 0, $b.Length) } finally { $f.Dispose() }
+"""
+FILE_HASH_PREFIX = """
+$f = [IO.File]::Open($p.Path, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]::ReadWrite)
+try {
+    $len = if ($p.Length -lt 0) { $f.Length } else { [int64]$p.Length }
+    $sha = [Security.Cryptography.SHA256]::Create()
+    $buf = New-Object byte[] 1048576
+    $left = $len
+    while ($left -gt 0) {
+        $n = $f.Read($buf, 0, [int][Math]::Min([int64]$buf.Length, $left))
+        if ($n -le 0) { break }
+        [void]$sha.TransformBlock($buf, 0, $n, $null, 0)
+        $left -= $n
+    }
+    [void]$sha.TransformFinalBlock($buf, 0, 0)
+    [pscustomobject]@{ Length = $len - $left; Sha256 = [BitConverter]::ToString($sha.Hash).Replace('-', '') }
+} finally { $f.Dispose() }
+"""
+FILE_PUT_COMMIT = """
+Move-Item -LiteralPath $p.Part -Destination $p.Path -Force
+"""
+FILE_GET_CHUNK = """
+$f = [IO.File]::Open($p.Path, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]::ReadWrite)
+try {
+    [void]$f.Seek([int64]$p.Offset, [IO.SeekOrigin]::Begin)
+    $buf = New-Object byte[] ([int]$p.Count)
+    $n = 0
+    while ($n -lt $buf.Length) { $r = $f.Read($buf, $n, $buf.Length - $n); if ($r -le 0) { break }; $n += $r }
+    [Console]::Out.WriteLine([Convert]::ToBase64String($buf, 0, $n))
+} finally { $f.Dispose() }
+"""
+
+
 # ---------------------------------------------------------------- reading it back
 
 _DATE_RE = re.compile(r"^/Date\((-?\d+)([+-]\d{4})?\)/$")
@@ -274,9 +326,10 @@ def parse_ps_json(text: str | bytes, *, convert_dates: bool = True) -> list[Any]
     list; a BOM is dropped. Malformed JSON raises ``PsOutputError`` naming the position.
     """
     if isinstance(text, bytes):
+        raw_bytes = text
         for enc in ("utf-8-sig", "utf-16"):
             try:
-                text = text.decode(enc)
+                text = raw_bytes.decode(enc)
                 break
             except UnicodeDecodeError:
                 continue
@@ -313,7 +366,7 @@ def decode_structured(stdout: str, *, convert_dates: bool = True) -> list[Any]:
                             stdout)
     try:
         raw = base64.b64decode(payloads[0], validate=True)
-    except (ValueError, base64.binascii.Error):
+    except (ValueError, binascii.Error):
         raise PsOutputError("the structured result is not valid base64 (truncated output?)",
                             stdout) from None
     return parse_ps_json(raw, convert_dates=convert_dates)

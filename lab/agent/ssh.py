@@ -1,16 +1,15 @@
-"""SSH agent on paramiko, for the built-in Linux guest (dropbear) and Windows OpenSSH.
+"""SSH agent on paramiko, for the built-in Linux guest and Windows guests (both OpenSSH).
 
 The guest's host key is pinned from the image (no auto-accept: RejectPolicy), the
-client key comes from the image directory, and passwords are never used. Dropbear in
-the built-in guest has no SFTP server, so files move through ``cat`` on an exec
-channel, which works on every POSIX guest.
+client key comes from the image directory, and passwords are never used. On POSIX
+guests files move through ``cat`` on an exec channel (no SFTP needed); Windows
+guests: see ``put``/``get``.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import select
 import socket
 import threading
 import time
@@ -26,10 +25,11 @@ from lab.errors import AgentError, ConnectionLost, DeadlineExceeded
 
 
 class _ForwardHandler(logging.Handler):
-    """paramiko WARNING and worse, as "ssh: ..." lines in the run log."""
+    """paramiko WARNING and worse, and the server's disconnect message, as "ssh: ..."
+    lines in the run log (``_KeepDisconnect`` lets only those through)."""
 
     def __init__(self, log: Callable[[str], None]) -> None:
-        super().__init__(level=logging.WARNING)
+        super().__init__(level=logging.INFO)
         self._forward = log
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -37,6 +37,16 @@ class _ForwardHandler(logging.Handler):
             self._forward(f"ssh: {record.getMessage()}")
         except Exception:
             pass
+
+
+class _KeepDisconnect(logging.Filter):
+    """paramiko logs a server's SSH_MSG_DISCONNECT (code and reason) at INFO only, as
+    "Disconnect (code N): ...": keep that one INFO line, drop the others before they
+    reach any handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or (
+            record.levelno == logging.INFO and record.getMessage().startswith("Disconnect (code"))
 
 
 RECONNECT_S = 5.0
@@ -71,6 +81,12 @@ class SshAgent(Agent):
         self._client: paramiko.SSHClient | None = None
         self._reconnect_lock = threading.Lock()
         self.reconnects = 0
+        # what a lost connection was doing, for the log line that reports the loss:
+        # when it was made, and the commands started on it and not read to their end
+        # (id(channel) -> command, start, channel; purged when its connection is replaced)
+        self._connected_at: float | None = None
+        self._inflight: dict[int, tuple[str, float, paramiko.Channel]] = {}
+        self._inflight_lock = threading.Lock()
 
     # ---- connection --------------------------------------------------------------
     def _connect_once(self, timeout: float) -> paramiko.SSHClient:
@@ -92,7 +108,10 @@ class SshAgent(Agent):
             transport.set_log_channel(name)
             plog = logging.getLogger(name)
             if not any(isinstance(h, _ForwardHandler) for h in plog.handlers):
+                plog.setLevel(logging.INFO)  # the disconnect message is INFO
+                plog.addFilter(_KeepDisconnect())
                 plog.addHandler(_ForwardHandler(self._log))
+        self._connected_at = time.monotonic()
         return client
 
     def wait_ready(self, timeout: float) -> None:
@@ -152,8 +171,58 @@ class SshAgent(Agent):
                     t = self._reconnect(t)
         return t
 
+    def _loss_reason(self, t: paramiko.Transport | None) -> str:
+        """Why ``t`` went down and what it was doing, for the log line that reports it.
+
+        paramiko keeps the exception that ended its transport thread; when the server
+        closes the TCP connection that is ``EOFError()``, whose str() is empty (the lab
+        used to log "()"). So: its type and message, what that means, then the
+        connection's age and the commands that were running on it. The server's side
+        of the story is in its log (the Linux guest's /run/sshd.log, kept as sshd.log
+        when a connection was lost)."""
+        if t is None:
+            return "no transport"
+        # read, not get_exception(): that clears it, and both the reader that saw the
+        # channel die and the reconnect report it
+        exc = getattr(t, "saved_exception", None)
+        if exc is None:
+            what = "no error recorded (closed locally, or the server sent a disconnect: see above)"
+        elif isinstance(exc, EOFError):
+            what = f"EOFError{': ' + str(exc) if str(exc) else ''}: the server closed the TCP connection"
+        elif isinstance(exc, ConnectionResetError):
+            what = f"ConnectionResetError: {exc}: the TCP connection was reset"
+        else:
+            what = f"{type(exc).__name__}: {exc or 'no message'}"
+        parts = [what]
+        if self._connected_at is not None:
+            parts.append(f"connection {time.monotonic() - self._connected_at:.1f} s old")
+        if getattr(t, "remote_version", None):
+            parts.append(f"server {t.remote_version}")
+        now = time.monotonic()
+        with self._inflight_lock:
+            running = sorted((c for c in self._inflight.values() if c[2].get_transport() is t),
+                             key=lambda c: c[1])
+        if running:
+            shown = ", ".join(f"{cmd!r} (running {now - t0:.1f} s)" for cmd, t0, _ in running[:4])
+            more = f" and {len(running) - 4} more" if len(running) > 4 else ""
+            parts.append(f"{len(running)} command(s) not finished on it: {shown}{more}")
+        else:
+            parts.append("no command running on it")
+        return "; ".join(parts)
+
+    def _forget(self, chan: paramiko.Channel) -> None:
+        """``chan``'s command is over. One cut off by a lost connection stays listed until
+        the reconnect has logged it (and purges the old connection's channels)."""
+        t = chan.get_transport()
+        if t is not None and not t.is_active():
+            return
+        with self._inflight_lock:
+            self._inflight.pop(id(chan), None)
+
     def _reconnect(self, old: paramiko.Transport | None) -> paramiko.Transport:
-        why = (old.get_exception() if old is not None else None) or "closed by the peer"
+        why = self._loss_reason(old) if old is not None else "closed by the peer"
+        with self._inflight_lock:  # its channels are dead: none will be read to the end
+            self._inflight = {k: c for k, c in self._inflight.items() if c[2].get_transport() is not old}
         self._drop()
         try:
             self._client = self._connect_once(RECONNECT_S)
@@ -169,6 +238,8 @@ class SshAgent(Agent):
         return t
 
     # ---- commands -----------------------------------------------------------------
+    can_start = True
+
     def open(self, command: str) -> paramiko.Channel:
         """Start ``command`` and return its channel (for callers that pipeline waits).
 
@@ -190,11 +261,17 @@ class SshAgent(Agent):
                 last = exc
                 continue
             wire = f"printf '\\001' >&2; {command}" if self._marker else self._wrap(command)
+            with self._inflight_lock:
+                # channels a caller closed itself (a cancelled background job) leave too
+                self._inflight = {k: c for k, c in self._inflight.items()
+                                  if not (c[2].closed and c[2].get_transport() is chan.get_transport())}
+                self._inflight[id(chan)] = (_label(command, 60), time.monotonic(), chan)
             try:
                 chan.exec_command(wire)
                 return chan
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 last = exc
+                self._forget(chan)
                 # paramiko says "Channel closed." when a fast command's close beat the
                 # reply to the exec request: it ran, and its exit status is here
                 if chan.exit_status_ready() and chan.recv_exit_status() != -1:
@@ -202,8 +279,9 @@ class SshAgent(Agent):
                 started = self._started(chan)
                 chan.close()
                 if started is False and self._transport_alive():
-                    # dropbear closed the new channel before the command began (seen
-                    # right after a sysfs remove): nothing ran, so it is sent again
+                    # the server closed the new channel before the command began (the
+                    # old dropbear guest did, right after a sysfs remove): nothing ran,
+                    # so it is sent again
                     self._log(f"ssh: {command[:60]!r} did not start "
                               f"({type(exc).__name__}: {exc}); sending it again")
                     continue
@@ -212,7 +290,7 @@ class SshAgent(Agent):
                 raise ConnectionLost(f"starting {command!r} failed after the request was sent "
                                      f"({type(exc).__name__}: {exc or 'no message'}): it may or "
                                      "may not have run") from exc
-        raise AgentError(f"could not start guest command {command!r}: "
+        raise AgentError(f"could not start guest command {_label(command)!r}: "
                          f"{type(last).__name__}: {last or 'no message'}") from last
 
     def _drain(self, chan: paramiko.Channel, what: str, timeout: float,
@@ -241,22 +319,31 @@ class SshAgent(Agent):
                     raise DeadlineExceeded(dl.what, timeout,
                                            (out.getvalue() or err.getvalue())[-200:].decode(
                                                "utf-8", "replace") or None)
-                select.select([chan], [], [], min(0.05, max(0.001, dl.remaining())))
+                # not select() on the channel: that makes paramiko create a pipe for it,
+                # and Channel.close() closes the pipe while the transport thread may be
+                # writing its wake-up byte to it - EBADF there killed the whole
+                # connection (1 in ~120 soak iterations: "Socket exception: Bad file
+                # descriptor"). The exit status wakes this at once; output is read
+                # within 5 ms.
+                chan.status_event.wait(min(0.005, max(0.001, dl.remaining())))
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
             if self._marker and err.getvalue()[:1] == START_MARKER:
                 err = io.BytesIO(err.getvalue()[1:])
             # -1: no exit status came (paramiko's value for a channel closed without one)
             if status == -1 and self._transport_dying():
-                raise ConnectionLost(f"the SSH connection went down while {what} ran")
+                raise ConnectionLost(f"the SSH connection went down while {what} ran "
+                                     f"({self._loss_reason(chan.get_transport())})")
         finally:
             chan.close()
+            self._forget(chan)
         return status, out.getvalue(), err.getvalue()
 
     def collect(self, chan: paramiko.Channel, command: str, timeout: float,
                 t0: float | None = None, stdin: bytes | None = None) -> CommandResult:
         """Read a started command to its end under a deadline."""
         t0 = time.monotonic() if t0 is None else t0
-        status, out, err = self._drain(chan, f"guest command {command!r}", timeout, stdin)
+        status, out, err = self._drain(chan, f"guest command {_label(command)!r}", timeout,
+                                       stdin)
         return CommandResult(command, status, out.decode("utf-8", "replace"),
                              err.decode("utf-8", "replace"), time.monotonic() - t0)
 
@@ -288,10 +375,13 @@ class SshAgent(Agent):
         chan = self.open(command)
         buf = b""
         try:
+            chan.settimeout(0.1)       # a blocking read, not select(): see _drain
             while stop is None or not stop.is_set():
-                select.select([chan], [], [], 0.1)
-                if chan.recv_ready():
+                try:
                     data = chan.recv(65536)
+                except socket.timeout:
+                    data = None
+                if data is not None:
                     if not data:
                         break
                     buf += data
@@ -306,6 +396,7 @@ class SshAgent(Agent):
         except (OSError, socket.error, AgentError):
             pass
         finally:
+            self._forget(chan)
             if buf:
                 yield buf.decode("utf-8", "replace")
             chan.close()
@@ -339,12 +430,31 @@ class SshAgent(Agent):
         return bool(t and t.is_active())
 
     # ---- files --------------------------------------------------------------------
+    def _windows(self) -> bool:
+        from lab.agent.powershell import PowerShell
+
+        return isinstance(self.shell, PowerShell)
+
     def put(self, local: Path, remote: str) -> None:
+        if self._windows():
+            # Windows OpenSSH runs PowerShell, where `cat` is Get-Content (text, not
+            # bytes): SFTP, or base64 chunks through PowerShell (lab/windows/ssh_copy.py)
+            from lab.windows.ssh_copy import windows_put
+
+            windows_put(self._transport, self, local, remote,
+                        timeout=seconds("guest_command"), log=self._log)
+            return
         data = Path(local).read_bytes()
         cmd = f"cat > {self.shell.quote(remote)}"
         self.run(cmd, stdin=data).check()
 
     def get(self, remote: str, local: Path) -> None:
+        if self._windows():
+            from lab.windows.ssh_copy import windows_get
+
+            windows_get(self._transport, self, remote, local,
+                        timeout=seconds("guest_command"), log=self._log)
+            return
         status, data, err = self._drain(self.open(self.shell.join(["cat", remote])),
                                         f"copy {remote} from the guest", seconds("guest_command"))
         if status != 0:
@@ -354,3 +464,11 @@ class SshAgent(Agent):
 
     def close(self) -> None:
         self._drop()
+
+
+def _label(command: str, limit: int = 100) -> str:
+    """A command as an error message names it: its first line, cut (a tracer's setup
+    script is 60 lines; the message must stay one readable line)."""
+    lines = command.strip().splitlines() or [""]
+    label = lines[0] + (" ..." if len(lines) > 1 else "")
+    return label if len(label) <= limit else label[: limit - 4] + " ..."

@@ -54,6 +54,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lab.agent.base import Agent, CommandResult
 from lab.agent.powershell import (
+    FILE_GET_CHUNK,
+    FILE_HASH_PREFIX,
+    FILE_PUT_BEGIN,
+    FILE_PUT_CHUNK,
+    FILE_PUT_COMMIT,
     POWERSHELL,
     PowerShell,
     PsValue,
@@ -71,6 +76,19 @@ ENV_PASSWORD = "REBALAB_WINRM_PASSWORD"
 
 CMD_LIMIT_NO_CMD_SHELL = 32_767   # CreateProcess lpCommandLine maximum
 CMD_LIMIT_CMD_SHELL = 8_191       # cmd.exe maximum command line
+
+# What this module calls in pywinrm, and the first release that has all of it. pywinrm's
+# CHANGELOG.md (github.com/diyan/pywinrm), "Version 0.5.0": "Added public API
+# `protocol.get_command_output_raw`" and "Added `WSManFaultError`" (with ``reason`` and
+# ``wsman_fault_code``); 0.4.3 has only the private ``_raw_get_command_output`` and no
+# WSManFaultError, so on 0.4.x every command failed with AttributeError. pyproject.toml
+# pins ``pywinrm>=0.5.0``; tests/unit/test_winrm_agent.py checks these names against the
+# installed pywinrm and this list against the calls in this file.
+PYWINRM_MIN_VERSION = (0, 5, 0)
+PYWINRM_PROTOCOL_METHODS = ("open_shell", "run_command", "get_command_output_raw",
+                            "cleanup_command", "close_shell")
+PYWINRM_EXCEPTIONS = ("WinRMError", "WSManFaultError", "InvalidCredentialsError",
+                      "WinRMOperationTimeoutError")
 
 TransportName = Literal["ntlm", "kerberos", "credssp", "basic"]
 
@@ -437,7 +455,8 @@ class WinRmAgent(Agent):
         except ValueError as exc:
             raise AgentError(f"cannot send this script over WinRM: {exc}") from None
 
-    def run(self, command: str, timeout: float | None = None) -> CommandResult:
+    def run(self, command: str, timeout: float | None = None, *,
+            idempotent: bool = False) -> CommandResult:
         """Run PowerShell source ``command`` (built with ``build_script``/``self.shell``)."""
         return self._execute(self._cmdline(command), label=command, timeout=timeout)
 
@@ -506,11 +525,12 @@ class WinRmAgent(Agent):
         except Exception as exc:
             log.debug("terminating a timed-out WinRM command failed: %s", REDACTOR.redact(str(exc)))
 
-    def stream(self, command: str) -> Iterator[str]:
+    def stream(self, command: str, stop: threading.Event | None = None) -> Iterator[str]:
         """Yield stdout lines of PowerShell ``command`` as Receive responses arrive.
 
         Uses its own connection and remote shell so that ``run()`` can be called while a
         stream is open. Raises ``AgentError`` after the last line if the command failed.
+        ``stop`` (like ``close()``) is noticed between two Receives.
         """
         from winrm.exceptions import WinRMOperationTimeoutError
 
@@ -528,7 +548,7 @@ class WinRmAgent(Agent):
         err: list[bytes] = []
         code, done = -1, False
         try:
-            while not done and not self._closing.is_set():
+            while not done and not self._closing.is_set() and not (stop is not None and stop.is_set()):
                 try:
                     o, e, code, done = protocol.get_command_output_raw(shell_id, command_id)
                 except WinRMOperationTimeoutError:
@@ -582,46 +602,11 @@ class WinRmAgent(Agent):
 
     # -- files -------------------------------------------------------------------
 
-    _PUT_BEGIN = """
-$dir = Split-Path -Parent $p.Path
-if ($dir -and -not (Test-Path -LiteralPath $dir)) { New-Item -ItemType Directory -Path $dir -Force | Out-Null }
-[IO.File]::WriteAllBytes($p.Part, [byte[]]@())
-"""
-    _PUT_CHUNK = """
-$b = [Convert]::FromBase64String($p.Data)
-$f = [IO.File]::Open($p.Part, [IO.FileMode]::Append, [IO.FileAccess]::Write)
-try { $f.Write($b, 0, $b.Length) } finally { $f.Dispose() }
-"""
-    _HASH_PREFIX = """
-$f = [IO.File]::Open($p.Path, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]::ReadWrite)
-try {
-    $len = if ($p.Length -lt 0) { $f.Length } else { [int64]$p.Length }
-    $sha = [Security.Cryptography.SHA256]::Create()
-    $buf = New-Object byte[] 1048576
-    $left = $len
-    while ($left -gt 0) {
-        $n = $f.Read($buf, 0, [int][Math]::Min([int64]$buf.Length, $left))
-        if ($n -le 0) { break }
-        [void]$sha.TransformBlock($buf, 0, $n, $null, 0)
-        $left -= $n
-    }
-    [void]$sha.TransformFinalBlock($buf, 0, 0)
-    [pscustomobject]@{ Length = $len - $left; Sha256 = [BitConverter]::ToString($sha.Hash).Replace('-', '') }
-} finally { $f.Dispose() }
-"""
-    _PUT_COMMIT = """
-Move-Item -LiteralPath $p.Part -Destination $p.Path -Force
-"""
-    _GET_CHUNK = """
-$f = [IO.File]::Open($p.Path, [IO.FileMode]::Open, [IO.FileAccess]::Read, [IO.FileShare]::ReadWrite)
-try {
-    [void]$f.Seek([int64]$p.Offset, [IO.SeekOrigin]::Begin)
-    $buf = New-Object byte[] ([int]$p.Count)
-    $n = 0
-    while ($n -lt $buf.Length) { $r = $f.Read($buf, $n, $buf.Length - $n); if ($r -le 0) { break }; $n += $r }
-    [Console]::Out.WriteLine([Convert]::ToBase64String($buf, 0, $n))
-} finally { $f.Dispose() }
-"""
+    _PUT_BEGIN = FILE_PUT_BEGIN
+    _PUT_CHUNK = FILE_PUT_CHUNK
+    _HASH_PREFIX = FILE_HASH_PREFIX
+    _PUT_COMMIT = FILE_PUT_COMMIT
+    _GET_CHUNK = FILE_GET_CHUNK
 
     def put_chunk_size(self, part: str = "C:\\" + "x" * 260) -> int:
         """Raw bytes per put() chunk that keep each command inside the command-line limit.

@@ -276,10 +276,87 @@ class RebalanceResize(RebalanceBase):
     size: BarSize
 
 
+class RebalanceWdtf(RebalanceBase):
+    """Windows only: have WDTF's Enhanced Device Testing filter put ``device`` through a
+    documented PnP sequence (``lab.windows.wdtf``), as Microsoft's HLK PnP tests do.
+
+    ``action``: ``restart`` (QUERY_STOP, STOP, START with the same resources),
+    ``rebalance`` (the same, forced onto new resources: the host checks a BAR moved),
+    ``cancel-stop`` (a query-stop that is vetoed, then CANCEL_STOP), ``fail-restart``
+    (the restart after STOP fails: SURPRISE_REMOVAL and REMOVE follow).
+    ``target``: ``pci`` (default; the devnode that owns the BARs) or ``function`` (an
+    HDA controller's codec function devnode, where a PortCls driver binds; WDTF's docs
+    warn that a devnode without hardware resources may get CANCEL_STOP instead).
+    ``instance`` pins the exact device instance id when several devices match.
+    """
+
+    trigger: Literal["wdtf"] = "wdtf"
+    device: Id
+    action: Literal["restart", "rebalance", "cancel-stop", "fail-restart"]
+    target: Literal["pci", "function"] = "pci"
+    instance: Str | None = None
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from lab.tracers.windows.common import looks_like_instance_id
+        if not looks_like_instance_id(v):
+            raise ValueError(f"{v!r} is not a device instance id (ENUMERATOR\\DEVICE-ID\\INSTANCE, "
+                             "as Get-PnpDevice shows it)")
+        return v
+
+    def describe(self) -> str:
+        return f"rebalance wdtf {self.action} {self.device}"
+
+
 REBALANCE_TRIGGERS: dict[str, type[RebalanceBase]] = {
     "pressure": RebalancePressure, "rescan": RebalanceRescan,
     "cpu-hotplug": RebalanceCpuHotplug, "reconfigure": RebalanceReconfigure,
-    "resize": RebalanceResize,
+    "resize": RebalanceResize, "wdtf": RebalanceWdtf,
+}
+
+#: What each trigger does and does not exercise, per guest OS: the one table behind
+#: ``rebalab rebalance --help``, the README's "Rebalance triggers" and the validator's
+#: refusals. Sources are cited where the code relies on them (lab/rebalance.py,
+#: lab/windows/wdtf.py).
+TRIGGER_EXERCISES: dict[str, dict[str, str]] = {
+    "rescan": {
+        "linux": "removes the device's port in sysfs and rescans: windows and BARs assigned "
+                 "afresh, driver unbind + rebind (remove + re-probe, not a stop)",
+        "windows": "refused: Linux sysfs; use wdtf",
+    },
+    "pressure": {
+        "linux": "hot-plugs a device whose BAR does not fit: native mode re-assigns the port "
+                 "window; ACPI mode leaves the BAR unassigned (the report says which)",
+        "windows": "hot-plugs the same device; host diff plus the guest's PnP state of both "
+                   "devices. Windows assigns resources to a device it starts, and pci-testdev "
+                   "has no inbox driver, so expect no QUERY_STOP/STOP (unverified)",
+    },
+    "cpu-hotplug": {
+        "linux": "onlines a hot-added vCPU; no PCI resource moves",
+        "windows": "Windows Server on a dynamically partitionable machine rebalances after "
+                   "a processor hot-add (DEVPKEY_Device_DHP_Rebalance_Policy); refused on "
+                   "Windows 10/11, unverified under QEMU on Server",
+    },
+    "reconfigure": {
+        "linux": "unplug + plug with another model or properties: remove and probe, no stop",
+        "windows": "the same: removal of the devnode (device_del asks for an eject, so "
+                   "QUERY_REMOVE/REMOVE are expected) then START of a new one; no "
+                   "QUERY_STOP/STOP",
+    },
+    "resize": {
+        "linux": "Resizable BAR: QEMU 7.2's audio devices have none (refused, exit 2)",
+        "windows": "refused: the capability check reads Linux sysfs",
+    },
+    "wdtf": {
+        "linux": "refused: WDTF is Windows' driver test framework",
+        "windows": "WDTF's EDT filter sends one device QUERY_STOP/STOP/START (restart), the "
+                   "same with new resources (rebalance: a real BAR move, checked on the host), "
+                   "a vetoed query-stop then CANCEL_STOP (cancel-stop), or a failed restart "
+                   "then SURPRISE_REMOVAL/REMOVE (fail-restart)",
+    },
 }
 
 
@@ -685,7 +762,7 @@ class Parallel(StepBase):
 
 
 Step = Union[Plug, Unplug, RebalancePressure, RebalanceRescan, RebalanceCpuHotplug,
-             RebalanceReconfigure, RebalanceResize, Guest, Module, Play, Sleep, Jitter, Pause,
+             RebalanceReconfigure, RebalanceResize, RebalanceWdtf, Guest, Module, Play, Sleep, Jitter, Pause,
              Resume, WaitEvent, WaitQmp, WaitGuest, WaitJob, WaitPcm, AssertRule, AssertNoKind,
              AssertAudio, AssertCount, Parallel]
 

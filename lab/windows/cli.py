@@ -49,7 +49,9 @@ def _spec_from_args(a: argparse.Namespace) -> winimage.WindowsImageSpec:
     timeout_s = float(a.timeout_min) * 60
     return winimage.WindowsImageSpec(
         iso=Path(a.iso), out=Path(a.out), virtio_win=Path(a.virtio_win) if a.virtio_win else None,
-        driver_dir=Path(a.driver) if a.driver else None, edition=a.edition, image_name=a.image_name,
+        driver_dir=Path(a.driver) if a.driver else None,
+        wdtf_dir=Path(a.wdtf) if getattr(a, "wdtf", None) else None,
+        edition=a.edition, image_name=a.image_name,
         image_index=a.image_index, firmware=a.firmware, disk_bus=a.disk_bus, disk_size=a.disk_size,
         memory_mb=a.memory, smp=a.smp, locale=a.locale, admin_user=a.user,
         ssh_public_key=Path(a.ssh_key) if a.ssh_key else None, timeout_s=timeout_s,
@@ -84,6 +86,10 @@ def add_windows_image_parser(image_subparsers: Any) -> argparse.ArgumentParser:
     w.add_argument("--iso", required=True, help="Windows installation ISO")
     w.add_argument("--virtio-win", help="virtio-win driver ISO (enables the virtio-blk system disk)")
     w.add_argument("--driver", help="folder with the driver package under test (.inf/.sys/.cat, test .cer)")
+    w.add_argument("--wdtf", metavar="DIR",
+                   help="folder with the WDTF runtime from your WDK (the *WDTF*.msi and .cab files "
+                        "of Windows Kits\\10\\Testing\\Runtimes for the guest's architecture): "
+                        "installed into the image for the wdtf rebalance trigger")
     w.add_argument("--edition", default="win11", choices=sorted(EDITIONS),
                    help="Windows release (default win11)")
     sel = w.add_mutually_exclusive_group()

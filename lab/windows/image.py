@@ -79,6 +79,9 @@ class WindowsImageSpec:
     out: Path
     virtio_win: Path | None = None
     driver_dir: Path | None = None
+    #: the WDTF runtime from the user's WDK (its .msi/.cab files): the wdtf trigger
+    #: (lab.windows.wdtf) needs it in the guest
+    wdtf_dir: Path | None = None
     edition: str = "win11"
     image_name: str | None = None
     image_index: int | None = None
@@ -138,6 +141,8 @@ def check_inputs(spec: WindowsImageSpec, kvm_available: Callable[[], bool],
             raise ConfigError(f"driver folder not found: {spec.driver_dir}")
         if not any(spec.driver_dir.rglob("*.inf")):
             raise ConfigError(f"driver folder {spec.driver_dir} holds no .inf file")
+    if spec.wdtf_dir is not None:
+        check_wdtf_dir(spec.wdtf_dir)
     if spec.ssh_public_key is not None and not spec.ssh_public_key.is_file():
         raise ConfigError(f"SSH public key not found: {spec.ssh_public_key}")
     if spec.memory_mb < 4096:
@@ -387,6 +392,30 @@ class QemuInstallRunner:
                 session.close()
 
 
+def wdtf_msis(folder: Path) -> list[Path]:
+    """The WDTF runtime installers in ``folder``, in install order (by name: the WDK's
+    ``OneCoreUap_WDTF_Desktop_Kit_Content-<arch>_<lang>.msi`` before
+    ``WDTF_Desktop_Kit_Product-<arch>_<lang>.msi``)."""
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".msi"
+                   and "wdtf" in p.name.lower()), key=lambda p: p.name.lower())
+
+
+def check_wdtf_dir(folder: Path) -> None:
+    """``--wdtf DIR``: a folder with the WDK's WDTF runtime MSI(s).
+
+    learn.microsoft.com/windows-hardware/drivers/wdtf/wdtf-runtime-library ("Manually
+    install WDTF on a test computer"): the WDTF installation files (*.msi and *.cab) are
+    in %ProgramFiles(x86)%\\Windows Kits\\10\\Testing\\Runtimes on the development
+    system; copy the ones matching the test computer's architecture and run msiexec /i.
+    """
+    if not folder.is_dir():
+        raise ConfigError(f"--wdtf: folder not found: {folder}")
+    if not wdtf_msis(folder):
+        raise ConfigError(f"--wdtf: {folder} holds no WDTF .msi; copy the WDTF runtime files for "
+                          "the guest's architecture (*WDTF*.msi and their .cab files) from your "
+                          "WDK's Windows Kits\\10\\Testing\\Runtimes into it")
+
+
 # ------------------------------------------------------------------ build
 
 @dataclass(frozen=True)
@@ -403,6 +432,7 @@ class ImageManifest:
     qemu_argv: list[str]
     built_utc: str
     build_seconds: float
+    wdtf: dict[str, Any] | None = None     # what provision.ps1 installed for --wdtf
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -418,13 +448,16 @@ def _staging(spec: WindowsImageSpec, staging: Path, password: str, product_key: 
     (staging / "Autounattend.xml").write_text(xml, encoding="utf-8")
     shutil.copyfile(templates / "provision.ps1", staging / "provision.ps1")
     config: dict[str, Any] = {"schema": 1, "admin_user": spec.admin_user, "ssh_public_key_file": None,
-                              "driver_dir": None}
+                              "driver_dir": None, "wdtf_dir": None}
     if spec.ssh_public_key is not None:
         shutil.copyfile(spec.ssh_public_key, staging / "lab_ssh_key.pub")
         config["ssh_public_key_file"] = "lab_ssh_key.pub"
     if spec.driver_dir is not None:
         shutil.copytree(spec.driver_dir, staging / "driver")
         config["driver_dir"] = "driver"
+    if spec.wdtf_dir is not None:
+        shutil.copytree(spec.wdtf_dir, staging / "wdtf")
+        config["wdtf_dir"] = "wdtf"
     (staging / "provision.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
@@ -485,7 +518,20 @@ def build(spec: WindowsImageSpec, *, kvm_available: Callable[[], bool],
             spec.cert_path.write_bytes(cert)
             created.append(spec.cert_path)
         drv_raw = media.read(paths.prov_image, "manifest.json")
-        driver = json.loads(drv_raw.decode("utf-8-sig")).get("driver") if drv_raw else None
+        guest_manifest = json.loads(drv_raw.decode("utf-8-sig")) if drv_raw else {}
+        driver = guest_manifest.get("driver")
+        wdtf = guest_manifest.get("wdtf") if isinstance(guest_manifest.get("wdtf"), dict) else None
+        if spec.wdtf_dir is not None and not (wdtf or {}).get("com_ok"):
+            raise LabError("--wdtf: the WDTF runtime did not install in the guest "
+                           f"({(wdtf or {}).get('error') or 'no result recorded'}); see "
+                           f"{spec.log_dir / 'provision.log'} and the msiexec logs listed there")
+        if isinstance(driver, dict):
+            # 259 is "staged, no matching device" (the install VM has none), not a failure
+            from lab.windows.driver_check import describe_pnputil, pnputil_outcome
+
+            code = driver.get("pnputil_exit_code")
+            driver.setdefault("status", pnputil_outcome(code if isinstance(code, int) else None))
+            log(describe_pnputil(code if isinstance(code, int) else None))
         spec.partial.replace(spec.out)
         created.remove(spec.partial)
         created.append(spec.out)
@@ -493,7 +539,7 @@ def build(spec: WindowsImageSpec, *, kvm_available: Callable[[], bool],
             image=str(spec.out), edition=spec.edition, firmware=spec.firmware, disk_bus=spec.bus,
             vars_file=str(spec.vars_file) if spec.firmware == "uefi" else None,
             winrm_certificate=str(spec.cert_path) if cert is not None else None,
-            admin_user=spec.admin_user, facts=facts, driver=driver, qemu_argv=argv,
+            admin_user=spec.admin_user, facts=facts, driver=driver, wdtf=wdtf, qemu_argv=argv,
             built_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             build_seconds=round(time.monotonic() - started, 1))
         spec.manifest_path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
@@ -527,6 +573,22 @@ def create_overlay(base: Path, overlay: Path, *, qemu_img: str = "qemu-img") -> 
     _run([qemu_img, "create", "-f", "qcow2", "-b", str(base.resolve()), "-F", "qcow2", str(overlay)],
          "qemu-img create (overlay)")
     return overlay
+
+
+def image_edition(image: Path) -> unattend.Edition | None:
+    """The edition ``rebalab image windows`` recorded for ``image`` (its manifest's
+    ``edition`` key), or None when there is no readable manifest or the key is unknown.
+
+    Validation uses it before any VM exists (cpu-hotplug is refused on Windows 10/11);
+    it never raises, so a scenario for an image not built yet still validates what it
+    can and says the edition is unknown.
+    """
+    try:
+        data = load_manifest(image)
+    except ConfigError:
+        return None
+    key = data.get("edition") if isinstance(data, dict) else None
+    return unattend.EDITIONS.get(key) if isinstance(key, str) else None
 
 
 def load_manifest(image: Path) -> dict[str, Any]:

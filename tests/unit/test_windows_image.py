@@ -175,9 +175,10 @@ class DirMedia:
 class SimulatedInstall:
     """Plays Windows Setup + provision.ps1: reads the answer file, writes the results."""
 
-    def __init__(self, facts_ok: bool = True, leak: bool = False) -> None:
+    def __init__(self, facts_ok: bool = True, leak: bool = False, pnputil_code: int = 0) -> None:
         self.facts_ok = facts_ok
         self.leak = leak
+        self.pnputil_code = pnputil_code
         self.argv: list[str] = []
 
     def run(self, argv: Sequence[str], *, qmp_socket: Path, log_dir: Path, timeout_s: float,
@@ -194,7 +195,8 @@ class SimulatedInstall:
             "ok": self.facts_ok, "failed_steps": [] if self.facts_ok else ["winrm-https"],
             "edition": "Windows 11 Pro", "build": "22631", "winrm_thumbprint": "AB" * 20,
             "ssh_host_key": "ssh-ed25519 AAAAC3Nz guest"}), encoding="utf-8")
-        (prov / "manifest.json").write_text(json.dumps({"schema": 1, "driver": {"pnputil_exit_code": 0}}))
+        (prov / "manifest.json").write_text(json.dumps({"schema": 1, "driver": {
+            "pnputil_exit_code": self.pnputil_code}}))
 
 
 def fake_caps() -> dict[str, Any]:
@@ -234,7 +236,7 @@ def test_build_keeps_no_secret(tmp_path: Path, iso: Path, ovmf: vmconfig.OvmfPat
     assert not spec.partial.exists()
     data = json.loads(spec.manifest_path.read_text())
     assert data["facts"]["winrm_thumbprint"] == "AB" * 20 and data["disk_bus"] == "ahci"
-    assert data["driver"] == {"pnputil_exit_code": 0}
+    assert data["driver"] == {"pnputil_exit_code": 0, "status": "installed"}
     assert manifest.firmware == "uefi"
     # nothing kept anywhere under the output directory contains the password in any form
     winimage.assert_no_secret([out.parent], PASSWORD)
@@ -244,6 +246,23 @@ def test_build_keeps_no_secret(tmp_path: Path, iso: Path, ovmf: vmconfig.OvmfPat
     # the temporary directory (answer file, FAT image) is gone
     prov = Path(next(a for a in runner.argv if "id=prov" in a).split("file=", 1)[1].split(",", 1)[0])
     assert not prov.exists() and not prov.parent.exists()
+
+
+def test_pnputil_259_keeps_the_image_as_staged(tmp_path: Path, iso: Path, ovmf: vmconfig.OvmfPaths) -> None:
+    """The install VM has no device under test: pnputil says 259 (ERROR_NO_MORE_ITEMS,
+    staged) and the image is kept, its manifest saying so (issue 10, point 4)."""
+    drv = tmp_path / "drv"
+    drv.mkdir()
+    (drv / "mydrv.inf").write_text("[Version]\n")
+    out = tmp_path / "build" / "win11.qcow2"
+    spec = winimage.WindowsImageSpec(iso=iso, out=out, ovmf=ovmf, driver_dir=drv)
+    lines: list[str] = []
+    winimage.build(spec, kvm_available=lambda: True, media=DirMedia(), runner=SimulatedInstall(pnputil_code=259),
+                   password=lambda: PASSWORD, qemu_img=fake_qemu_img(tmp_path), which=lambda t: "/bin/" + t,
+                   log=lines.append, **fake_caps())
+    assert out.is_file()
+    assert json.loads(spec.manifest_path.read_text())["driver"]["status"] == "staged-no-device"
+    assert any("ERROR_NO_MORE_ITEMS" in ln and "staged" in ln for ln in lines)
 
 
 def test_failed_provisioning_removes_the_image_and_scrubs_logs(tmp_path: Path, iso: Path,
@@ -373,7 +392,7 @@ class DumpGuest(Agent):
         self.got.append((remote, local))
 
     def wait_ready(self, timeout: float) -> None: ...
-    def stream(self, command: str) -> Any: return iter(())
+    def stream(self, command: str, stop: Any = None) -> Any: return iter(())
     def put(self, local: Path, remote: str) -> None: ...
     def close(self) -> None: ...
 

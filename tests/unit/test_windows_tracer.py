@@ -77,7 +77,10 @@ class SampleGuest(Agent):
         out, code = "", 0
         if self.fail_on and self.fail_on in command:
             return CommandResult(command, 1, "", "logman: access denied", 0.0)
-        if "UtcOffsetMinutes" in command:
+        if "rebalab-clock" in command:
+            # the clock exchange: process start 40 ms before the read (FILETIME, 100 ns)
+            out = "rebalab-clock 133497000000000000 133497000000400000\r\n"
+        elif "UtcOffsetMinutes" in command:
             out = _structured([{"Length": self.setupapi_size, "GuestUtcFileTime": 133497000000000000,
                                 "UtcOffsetMinutes": 0}])
         elif "Get-WinEvent" in command:
@@ -98,7 +101,7 @@ class SampleGuest(Agent):
     def wait_ready(self, timeout: float) -> None:
         pass
 
-    def stream(self, command: str) -> Iterator[str]:
+    def stream(self, command: str, stop: object = None) -> Iterator[str]:
         return iter(())
 
     def put(self, local: Path, remote: str) -> None:
@@ -123,9 +126,13 @@ def test_start_stop_cycle(tmp_path: Path) -> None:
     assert by_source == {Source.GUEST_ETW: 12, Source.GUEST_PNP: 4, Source.GUEST_SETUPAPI: 8, Source.GUEST_WPP: 6}
     # the exact commands sent are the planned ones (with the recorded setupapi offset)
     sent_labels = len(guest.scripts)
-    assert sent_labels == len(tracer.start_scripts()) + len(tracer.stop_scripts(0))
+    assert tracer.clock is not None
+    rounds = len(tracer.clock.samples)
+    assert rounds >= 1 and sum("rebalab-clock" in s for s in guest.scripts) == rounds
+    assert sent_labels == len(tracer.start_scripts()) + rounds + len(tracer.stop_scripts(0))
     for name in ("kernel-pnp.json", "pnp-state.json", "setupapi.dev.log.tail", "wpp.txt",
-                 "windows-events.jsonl", "windows-trace-problems.txt", "windows-trace-start.json"):
+                 "windows-events.jsonl", "windows-trace-problems.txt", "windows-trace-start.json",
+                 "clock-exchange.json"):
         assert (tmp_path / name).is_file(), name
     problems = (tmp_path / "windows-trace-problems.txt").read_text()
     assert "bad or missing TimeCreated" in problems and "no InstanceId" in problems

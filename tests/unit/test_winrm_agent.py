@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import re
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -524,3 +525,71 @@ def test_rejected_credentials_name_the_user_not_the_password(monkeypatch: pytest
 
 def test_clean_clixml_passthrough() -> None:
     assert clean_clixml("plain error") == "plain error"
+
+
+# ------------------------------------------------------------------ pywinrm lower bound (issue 10, point 5)
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def test_pywinrm_pin_is_the_first_release_with_every_api_we_call() -> None:
+    """pyproject's lower bound must be a pywinrm that has get_command_output_raw (0.5.0):
+    with ``>=0.4.3`` every WinRM command failed with AttributeError."""
+    import tomllib
+
+    from lab.agent.winrm import PYWINRM_MIN_VERSION
+
+    deps = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [d for d in deps if re.match(r"^pywinrm\b", d, re.I)]
+    assert len(pins) == 1, deps
+    m = re.search(r">=\s*([0-9][0-9.]*)", pins[0])
+    assert m, f"pywinrm has no lower bound: {pins[0]!r}"
+    assert _version_tuple(m[1]) >= PYWINRM_MIN_VERSION, pins[0]
+    # and the environment the tests run in satisfies it
+    import winrm
+    assert _version_tuple(winrm.__version__) >= PYWINRM_MIN_VERSION
+
+
+def test_every_pywinrm_call_exists_on_the_installed_classes() -> None:
+    """hasattr on pywinrm's real classes, and the keyword arguments we pass exist."""
+    import inspect
+
+    import winrm.exceptions
+    import winrm.protocol
+
+    from lab.agent.winrm import PYWINRM_EXCEPTIONS, PYWINRM_PROTOCOL_METHODS
+
+    for name in PYWINRM_PROTOCOL_METHODS:
+        assert callable(getattr(winrm.protocol.Protocol, name, None)), name
+    for name in PYWINRM_EXCEPTIONS:
+        assert isinstance(getattr(winrm.exceptions, name, None), type), name
+    fault = winrm.exceptions.WSManFaultError(500, "m", "<r/>", "why", wsman_fault_code=5)
+    assert fault.reason == "why" and fault.wsman_fault_code == 5
+    params = inspect.signature(winrm.protocol.Protocol.__init__).parameters
+    for kw in ("endpoint", "transport", "username", "password", "server_cert_validation",
+               "ca_trust_path", "read_timeout_sec", "operation_timeout_sec", "message_encryption", "proxy"):
+        assert kw in params, kw
+    assert {"codepage", "noprofile"} <= set(inspect.signature(winrm.protocol.Protocol.open_shell).parameters)
+    assert "skip_cmd_shell" in inspect.signature(winrm.protocol.Protocol.run_command).parameters
+    assert hasattr(winrm.transport, "HAVE_KERBEROS") and hasattr(winrm.transport, "HAVE_CREDSSP")
+
+
+def test_the_api_list_covers_every_protocol_call_in_the_agent() -> None:
+    """Every ``protocol.X(...)`` / ``proto.X(...)`` in lab/agent/winrm.py is in the checked list,
+    so a new call cannot slip past the version pin."""
+    import ast
+
+    import lab.agent.winrm as mod
+
+    tree = ast.parse(Path(mod.__file__).read_text(encoding="utf-8"))
+    called: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            target = node.func.value
+            name = target.id if isinstance(target, ast.Name) else (
+                target.attr if isinstance(target, ast.Attribute) else "")
+            if name in ("protocol", "proto", "_protocol"):
+                called.add(node.func.attr)
+    assert called, "no protocol calls found: the scan is broken"
+    assert called <= set(mod.PYWINRM_PROTOCOL_METHODS), called - set(mod.PYWINRM_PROTOCOL_METHODS)

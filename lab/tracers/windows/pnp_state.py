@@ -197,7 +197,7 @@ def to_events(states: Sequence[PnpDeviceState], *, received_ns: int,
     device, UNBOUND for one that is not present (phantom)."""
     out = ParsedTrace()
     for s in states:
-        data = {"snapshot": s.to_json()}
+        data: dict[str, Any] = {"snapshot": s.to_json()}
         dev = DeviceId(instance=s.instance_id)
         if s.problem_code:
             kind = Kind.PROBLEM

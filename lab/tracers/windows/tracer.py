@@ -2,7 +2,9 @@
 
 start(agent): prepare the work directory, start the Kernel-PnP ETW session (plus any
 TraceLogging providers), start the WPP session when WPP providers are configured, and
-record the size of setupapi.dev.log with the guest clock.
+record the size of setupapi.dev.log, then exchange clocks with the guest
+(``clock_exchange``: repeated until the bound is small; its alignment and bound are
+``alignment`` and go to the run log and ``clock-exchange.json``).
 
 stop(agent) -> list[Event]: stop the sessions, decode the ETL with Get-WinEvent, format
 WPP with tracefmt, snapshot device state with Get-PnpDevice, read the setupapi tail and
@@ -20,16 +22,17 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from lab import clock
 from lab.agent.base import Agent
-from lab.errors import AgentError, ConfigError
-from lab.events import Event
-from lab.tracers.windows import etw, pnp_state, setupapi, wpp
+from lab.errors import AgentError, ConfigError, LabError
+from lab.events import DeviceId, Event
+from lab.tracers.windows import clock_exchange, etw, pnp_state, setupapi, wpp
 from lab.tracers.windows.common import (
     GuestScript,
     ParsedTrace,
@@ -61,6 +64,14 @@ class WindowsTraceConfig:
     device_classes: tuple[str, ...] = ("MEDIA",)
     include_messages: bool = False
     event_map: etw.EventMap = field(default_factory=etw.EventMap)
+    #: the driver's providers with their own flags and level (scenario ``guest.trace``,
+    #: ``--trace-provider``); the plain GUID lists above share ``wpp_flags``/``wpp_level``
+    driver_wpp: tuple[etw.EtwProvider, ...] = ()
+    driver_tracelogging: tuple[etw.EtwProvider, ...] = ()
+    #: the device whose driver writes the WPP trace: its messages are attributed to it
+    device: DeviceId | None = None
+    #: host file -> guest path, copied into the guest when tracing starts (TMF, PDB)
+    uploads: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         validate_guest_path(self.workdir)
@@ -70,9 +81,16 @@ class WindowsTraceConfig:
             raise ConfigError("the Kernel-PnP and WPP sessions need different names")
         for g in self.tracelogging_providers + self.wpp_providers:
             validate_guid(g)
-        if self.wpp_providers and self.wpp_format is None:
+        guids = [validate_guid(g) for g in self.tracelogging_providers + self.wpp_providers] \
+            + [p.guid for p in self.driver_wpp + self.driver_tracelogging]
+        dup = next((g for g in guids if guids.count(g) > 1), None)
+        if dup is not None:
+            raise ConfigError(f"provider {dup} is configured twice")
+        if (self.wpp_providers or self.driver_wpp) and self.wpp_format is None:
             raise ConfigError("WPP providers are configured but no TMF file, TMF directory or PDB "
                               "to format them with (wpp_format)")
+        for _local, guest in self.uploads:
+            validate_guest_path(guest)
 
     @property
     def etl(self) -> str:
@@ -91,14 +109,14 @@ class WindowsTraceConfig:
         return self.workdir + "\\tmf"
 
     def pnp_session(self) -> etw.EtwSession:
-        extra = tuple(etw.EtwProvider(g) for g in self.tracelogging_providers)
+        extra = tuple(etw.EtwProvider(g) for g in self.tracelogging_providers) + self.driver_tracelogging
         return etw.EtwSession(self.session, self.etl, (etw.KERNEL_PNP,) + extra)
 
     def wpp_etw_session(self) -> etw.EtwSession | None:
-        if not self.wpp_providers:
+        if not self.wpp_providers and not self.driver_wpp:
             return None
         provs = tuple(etw.EtwProvider(g, self.wpp_flags, self.wpp_level) for g in self.wpp_providers)
-        return etw.EtwSession(self.wpp_session, self.wpp_etl, provs)
+        return etw.EtwSession(self.wpp_session, self.wpp_etl, provs + self.driver_wpp)
 
 
 @dataclass
@@ -112,11 +130,20 @@ class _RunStart:
 class WindowsTracer:
     """Guest-side tracing for one run (or iteration) of a Windows guest."""
 
-    def __init__(self, config: WindowsTraceConfig | None = None, out_dir: Path | None = None) -> None:
+    def __init__(self, config: WindowsTraceConfig | None = None, out_dir: Path | None = None, *,
+                 log: Callable[[str], None] | None = None,
+                 now: Callable[[], int] = time.time_ns,
+                 clock_target_ns: int = clock_exchange.DEFAULT_TARGET_BOUND_NS,
+                 clock_rounds: int = clock_exchange.DEFAULT_MAX_ROUNDS) -> None:
         self.config = config or WindowsTraceConfig()
         self.out_dir = out_dir
         self.problems: list[str] = []
         self._start: _RunStart | None = None
+        self._log = log
+        self._now = now
+        self._clock_target_ns = clock_target_ns
+        self._clock_rounds = clock_rounds
+        self.clock: clock_exchange.ExchangeResult | None = None
 
     # -- the pinned scripts ------------------------------------------------------
 
@@ -164,11 +191,15 @@ class WindowsTracer:
         """Start the sessions; remember where setupapi.dev.log ended and the guest time."""
         host_start = time.time_ns()
         size_info: list[Any] = []
-        for gs in self.start_scripts():
+        for i, gs in enumerate(self.start_scripts()):
             if gs.structured:
                 size_info = run_structured(agent, gs)
             else:
                 run_script(agent, gs).check()
+            if i == 0:
+                # the work directory exists now: the driver's TMF/PDB go into it
+                for local, guest in self.config.uploads:
+                    agent.put(Path(local), guest)
         rec = size_info[0] if size_info and isinstance(size_info[0], dict) else {}
         try:
             self._start = _RunStart(
@@ -179,13 +210,33 @@ class WindowsTracer:
         except (KeyError, TypeError, ValueError):
             raise AgentError(f"the guest did not report the setupapi.dev.log size and clock: {rec!r}") from None
         self._save("windows-trace-start.json", json.dumps(rec, indent=2, sort_keys=True, default=str))
+        # last, so that nothing runs between the best round and the caller's next stamp
+        try:
+            self.clock = clock_exchange.exchange(agent, target_bound_ns=self._clock_target_ns,
+                                                 max_rounds=self._clock_rounds, now=self._now,
+                                                 log=self._log)
+            self._save("clock-exchange.json", clock_exchange.dumps(self.clock))
+        except LabError as exc:
+            self.clock = None
+            self.problems.append(f"clock exchange failed, guest events keep their receive times: {exc}")
+            if self._log is not None:
+                self._log(f"windows clock exchange failed: {exc}")
+
+    @property
+    def alignment(self) -> clock.Alignment | None:
+        """Guest UTC -> host time from the clock exchange (None when it failed)."""
+        return self.clock.alignment() if self.clock is not None else None
 
     @property
     def clock_start(self) -> tuple[int, int] | None:
-        """(guest UTC ns, host ns before the start scripts) of the running session."""
-        if self._start is None:
+        """(guest ns, host ns) such that the guest read its clock no earlier than that
+        host time: the best exchange round's read and its send (less the guest stamp's
+        resolution). A caller that takes the midpoint up to its own later stamp gets a
+        valid, looser bound; ``alignment`` is the exchange's own, tighter one."""
+        if self._start is None or self.clock is None:
             return None
-        return self._start.guest_start_ns, self._start.host_start_ns
+        best = self.clock.best
+        return best.g_read_ns, best.h_send_ns - best.g_resolution_ns
 
     def stop(self, agent: Agent) -> list[Event]:
         """Stop, fetch, save raw, parse; returns all events (problems in ``self.problems``)."""
@@ -217,7 +268,7 @@ class WindowsTracer:
                 text = raw.decode("utf-8-sig", "replace") if not raw.startswith(b"\xff\xfe") \
                     else raw.decode("utf-16", "replace")
                 parsed.extend(wpp.parse_lines(text, received_ns=received, patterns=c.wpp_patterns,
-                                              utc_offset=offset))
+                                              utc_offset=offset, device=c.device))
             elif label.startswith("pnp:"):
                 recs = run_structured(agent, gs)
                 self._save("pnp-state.json", json.dumps(recs, indent=1, default=str))

@@ -44,6 +44,11 @@ _UNIT_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_
 _DURATION = (r"(?=(?:.*?\b(?:took|duration|elapsed)\s*[=:]?\s*(?P<duration>\d+(?:\.\d+)?)\s*"
              r"(?P<unit>ns|us|µs|ms|s)\b)?)")
 _STATUS = r"(?=(?:.*?\bstatus\s*[=:]\s*(?P<status>0x[0-9A-Fa-f]+|\w+))?)"
+# "resources: 0xfe800000+0x4000, 0xfe804000-0xfe8040ff": the ranges a START was given
+# (lab.rules.windows_pnp.parse_ranges reads both forms)
+_RANGE = r"0x[0-9A-Fa-f]+\s*[+-]\s*0x[0-9A-Fa-f]+"
+_RESOURCES = (rf"(?=(?:.*?\bres(?:ources?)?\s*[=:]\s*(?P<resources>{_RANGE}"
+              rf"(?:\s*[,;]?\s*{_RANGE})*))?)")
 
 
 @dataclass(frozen=True)
@@ -82,16 +87,34 @@ class WppPattern:
         return p
 
 
-def _callback_patterns(word: str, kind: Kind, layer: str = "") -> list[WppPattern]:
+def _callback_patterns(word: str, kind: Kind, layer: str = "", name: str = "") -> list[WppPattern]:
+    # a START's message may carry the resources it was given; other kinds ignore the group
+    extra = _RESOURCES if kind == Kind.START else ""
+    name = name or word
     return [
-        WppPattern(rf"\b{word}\b.*?\b(?:enter|entry|begin)\b", kind, "begin", word, layer),
-        WppPattern(rf"\b{word}\b.*?\b(?:exit|leave|return|end)\b{_STATUS}{_DURATION}", kind, "end", word, layer),
-        WppPattern(rf"\b{word}\b{_STATUS}{_DURATION}", kind, "point", word, layer),
+        WppPattern(rf"\b{word}\b.*?\b(?:enter|entry|begin)\b", kind, "begin", name, layer),
+        WppPattern(rf"\b{word}\b.*?\b(?:exit|leave|return|end)\b{_STATUS}{_DURATION}{extra}", kind, "end",
+                   name, layer),
+        WppPattern(rf"\b{word}\b{_STATUS}{_DURATION}{extra}", kind, "point", name, layer),
     ]
 
 
+#: the IRP minor functions by their WDK names (wdm.h), as a driver's IRP_MJ_PNP dispatch
+#: routine traces them (sysvad's PnpHandler, audio/sysvad/adapter.cpp, switches on
+#: IRP_MN_REMOVE_DEVICE / IRP_MN_SURPRISE_REMOVAL / IRP_MN_STOP_DEVICE before
+#: PcDispatchIrp). ``\b`` keeps IRP_MN_STOP_DEVICE from matching inside
+#: IRP_MN_QUERY_STOP_DEVICE or IRP_MN_CANCEL_STOP_DEVICE.
+_IRP_NAMES: tuple[tuple[str, Kind], ...] = (
+    ("IRP_MN_QUERY_STOP_DEVICE", Kind.QUERY_STOP), ("IRP_MN_CANCEL_STOP_DEVICE", Kind.CANCEL_STOP),
+    ("IRP_MN_STOP_DEVICE", Kind.STOP), ("IRP_MN_START_DEVICE", Kind.START),
+    ("IRP_MN_QUERY_REMOVE_DEVICE", Kind.QUERY_REMOVE),
+    ("IRP_MN_CANCEL_REMOVE_DEVICE", Kind.CANCEL_REMOVE),
+    ("IRP_MN_SURPRISE_REMOVAL", Kind.SURPRISE_REMOVAL), ("IRP_MN_REMOVE_DEVICE", Kind.REMOVE),
+)
+
 DEFAULT_PATTERNS: tuple[WppPattern, ...] = tuple(
     # PortCls IAdapterPnpManagement callbacks
+    # (learn.microsoft.com/windows-hardware/drivers/ddi/portcls/nn-portcls-iadapterpnpmanagement)
     _callback_patterns("PnpQueryStop", Kind.QUERY_STOP, "portcls")
     + _callback_patterns("PnpCancelStop", Kind.CANCEL_STOP, "portcls")
     + _callback_patterns("PnpStop", Kind.STOP, "portcls")
@@ -101,6 +124,11 @@ DEFAULT_PATTERNS: tuple[WppPattern, ...] = tuple(
     + _callback_patterns("PnpSurpriseRemoval", Kind.SURPRISE_REMOVAL)
     + _callback_patterns("PnpRemove", Kind.REMOVE)
     + _callback_patterns("PnpStart", Kind.START)
+    # a PortCls adapter's StartDevice routine (PcAddAdapterDevice's StartDevice argument,
+    # called with the resource list while PortCls handles IRP_MN_START_DEVICE; sysvad's
+    # adapter.cpp StartDevice): a start with resources
+    + _callback_patterns("StartDevice", Kind.START)
+    + [p for word, kind in _IRP_NAMES for p in _callback_patterns(word, kind)]
 )
 
 
@@ -116,7 +144,7 @@ def parse_wpp_timestamp(text: str, utc_offset: timedelta = timedelta(0)) -> int:
 
 def parse_lines(text: str, *, received_ns: int, patterns: Sequence[WppPattern] = DEFAULT_PATTERNS,
                 line_re: str = DEFAULT_LINE_RE, utc_offset: timedelta = timedelta(0),
-                keep_unmatched: bool = False) -> ParsedTrace:
+                keep_unmatched: bool = False, device: DeviceId | None = None) -> ParsedTrace:
     """tracefmt output -> Events.
 
     A line that does not have the pinned prefix is a problem entry (with its number);
@@ -125,7 +153,13 @@ def parse_lines(text: str, *, received_ns: int, patterns: Sequence[WppPattern] =
     one from the latest open ``begin`` of the same kind on the same thread; a
     ``begin`` is emitted as ``Kind.CALL_ENTER`` with ``data['for_kind']``. Default
     patterns mark PortCls callbacks with ``layer: "portcls"`` and ``callback`` (the
-    keys lab.rules.windows_pnp reads) and keep ``status`` when the message has one.
+    keys lab.rules.windows_pnp reads) and keep ``status`` when the message has one, and
+    ``resources`` (a list of ranges) when a START message names them.
+
+    ``device``: the device whose driver writes this trace (the scenario's
+    ``guest.trace.device``). A WPP message carries no device of its own, so every event
+    without an ``instance`` in its message is attributed to it; without it the events
+    have no device and the per-device rules cannot use them.
     """
     try:
         lre = re.compile(line_re)
@@ -164,11 +198,13 @@ def parse_lines(text: str, *, received_ns: int, patterns: Sequence[WppPattern] =
                 data["callback"] = pat.name
             if groups.get("status"):
                 data["status"] = groups["status"]
+            if groups.get("resources"):
+                data["resources"] = [r.strip() for r in re.findall(_RANGE, groups["resources"])]
             duration = None
             if groups.get("duration"):
                 duration = int(float(groups["duration"]) * _UNIT_NS[groups.get("unit") or "ns"])
                 data["duration_source"] = "message"
-            dev = DeviceId(instance=groups["instance"]) if groups.get("instance") else None
+            dev = DeviceId(instance=groups["instance"]) if groups.get("instance") else device
             key = (pat.kind, thread)
             if pat.phase == "begin":
                 # the operation's one event of its kind is its end (or point); the begin
