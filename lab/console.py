@@ -61,6 +61,7 @@ class Console:
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
         self._lines: list[ConsoleLine] = []
+        self._base = 0          # the absolute index of _lines[0] (older lines forgotten)
         self._eof = False
         self.listeners: list[Callable[[ConsoleLine], None]] = []
         self.write_failures = 0
@@ -94,7 +95,7 @@ class Console:
     def _add(self, t: int, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
         with self._cond:
-            line = ConsoleLine(t, text, len(self._lines))
+            line = ConsoleLine(t, text, self._base + len(self._lines))
             self._lines.append(line)
             self._cond.notify_all()
         if not self._log.closed:
@@ -112,11 +113,22 @@ class Console:
 
     def cursor(self) -> int:
         with self._cond:
-            return len(self._lines)
+            return self._base + len(self._lines)
 
     def lines(self, after: int = 0) -> list[ConsoleLine]:
+        """Lines from absolute index ``after`` on (those forgotten are in console.log)."""
         with self._cond:
-            return list(self._lines[after:])
+            return list(self._lines[max(0, after - self._base):])
+
+    def forget_before(self, cursor: int) -> int:
+        """Drop the lines before ``cursor`` from memory (they stay in console.log): a VM
+        that runs hundreds of iterations must not hold every line it ever printed.
+        Cursors keep their meaning. Returns how many were dropped."""
+        with self._cond:
+            n = max(0, min(cursor - self._base, len(self._lines)))
+            del self._lines[:n]
+            self._base += n
+            return n
 
     def wait_for(self, needle: str | re.Pattern[str], *, timeout: float, after: int = 0,
                  what: str | None = None,
@@ -130,8 +142,9 @@ class Console:
         idx = after
         with self._cond:
             while True:
-                while idx < len(self._lines):
-                    line = self._lines[idx]
+                idx = max(idx, self._base)
+                while idx < self._base + len(self._lines):
+                    line = self._lines[idx - self._base]
                     idx += 1
                     if (needle.search(line.text) if isinstance(needle, re.Pattern)
                             else needle in line.text):

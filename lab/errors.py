@@ -56,3 +56,24 @@ class Interrupted(LabError):
     """The run was interrupted by a signal; artifacts are kept. Exit status 130."""
 
     exit_code = 130
+
+
+#: the errnos that mean "the disk will not take more": full, over quota, over the size
+#: limit (RLIMIT_FSIZE)
+_DISK_FULL = frozenset({28, 122, 27})     # ENOSPC, EDQUOT, EFBIG
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
+
+
+class ArtifactsLost(LabError):
+    """The run directory refused a write (full disk, quota). A run that cannot keep its
+    evidence is stopped: its verdicts could not be checked by anyone later."""
+
+    def __init__(self, what: str, where: str, exc: OSError) -> None:
+        self.what = what
+        self.where = where
+        super().__init__(f"{what} could not be written under {where} ({exc.strerror}); "
+                         "the run stopped there. Free space (or pass --runs on a larger "
+                         "disk) and run again")

@@ -85,12 +85,27 @@ def _interesting(ev: Event) -> bool:
     return ev.data.get("offset") in (0x04, 0x10, 0x14, 0x18, 0x1C, 0x20, 0x24)
 
 
-def _trace_events(path: Path, since_ns: int) -> list[Event]:
+def _trace_offset(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _trace_events(path: Path, since_ns: int, offset: int = 0) -> list[Event]:
+    """QEMU's trace lines at or after ``since_ns``, read from ``offset`` (the file's size
+    when the observation began): the log grows for the VM's whole life, and reading it
+    from the start made every iteration slower than the one before."""
     parser = QemuTraceParser()
     out: list[Event] = []
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
+        with open(path, "rb") as f:
+            if offset > 0:
+                f.seek(offset - 1)
+                if f.read(1) != b"\n":
+                    f.readline()          # the rest of a line being written at the start
+            for raw in f:
+                line = raw.decode("utf-8", "replace")
                 for ev in parser.parse_line(line):
                     if ev.t_host_ns >= since_ns and _interesting(ev):
                         out.append(ev)
@@ -146,6 +161,7 @@ class Observation:
         self.sync = ClockSync(m)
         self.start_ns = 0
         self._console_cursor = 0
+        self._trace_offset = 0
         self.timeline: Timeline | None = None
         self._windows_alignment: clock.Alignment | None = None
         # the guest's playback as QEMU captures it (only when the machine captures audio)
@@ -160,6 +176,8 @@ class Observation:
         them), so the guest's events about them carry the lab's names."""
         if getattr(self.m, "qmp", None) is None:
             return
+        if self.m.process is not None and not self.m.process.responsive():
+            return                   # dead or frozen: the names known so far must do
         try:
             self._qom_bdfs.update((q, b) for q, b in ops.qom_bdfs(self.m).items())
         except LabError as exc:
@@ -167,6 +185,7 @@ class Observation:
 
     def start(self) -> Observation:
         self.start_ns = time.time_ns()
+        self._trace_offset = _trace_offset(self.m.artifacts / "qemu-trace.log")
         self._pci_names()
         audio_path = getattr(self.m, "audio_path", None)
         if audio_path is not None:
@@ -177,10 +196,15 @@ class Observation:
             from lab.tracers.windows.tracer import WindowsTracer
             if self.m.agent is None:
                 raise LabError("the guest agent is not connected")
-            self.windows = WindowsTracer(out_dir=self.m.artifacts / "windows-trace")
+            # the driver's own trace as the scenario configures it (guest.trace)
+            self.windows = WindowsTracer(getattr(getattr(self.m, "guest", None), "trace_config", None),
+                                         out_dir=self.m.artifacts / "windows-trace",
+                                         log=self.m.run.log)
             self.windows.start(self.m.agent)
-            self._windows_alignment = windows_alignment(self.windows.clock_start,
-                                                        time.time_ns())
+            # the dedicated exchange (best of several rounds); the coarse single exchange
+            # only when it failed
+            self._windows_alignment = self.windows.alignment or windows_alignment(
+                self.windows.clock_start, time.time_ns())
             return self
         self.sync.burst()
         if self.kprobes:
@@ -194,7 +218,7 @@ class Observation:
         whatever samples exist (the header says how good it is).
         """
         guest_events = self.tracer.stop() if self.tracer else []
-        alive = self.m.process is not None and self.m.process.alive()
+        alive = self.m.process is not None and self.m.process.responsive()
         if self.windows is not None:
             guest_events = self._windows_events(alive)
         elif alive:
@@ -263,7 +287,7 @@ class Observation:
 
         A Windows guest's ETW events arrive when the session stops, so mid-run they
         are not in the snapshot (host events and QEMU's trace are)."""
-        alive = self.m.process is not None and self.m.process.alive()
+        alive = self.m.process is not None and self.m.process.responsive()
         if alive and self.linux:
             self.sync.burst(4)
             time.sleep(0.05)   # let in-flight trace lines arrive
@@ -271,19 +295,20 @@ class Observation:
 
     def _build(self, guest_events: list[Event], alive: bool) -> Timeline:
         lines = [(ln.t_host_ns, ln.text) for ln in
-                 (self.m.console.lines() if self.m.console else [])]
+                 (self.m.console.lines(self._console_cursor) if self.m.console else [])]
         # clock evidence from this observation's stretch of the console only: one-way
         # samples from the whole boot made the drift fit span minutes, and its error
         # (hundreds of ppm under TCG) grew the bound to tens of ms by the 50th iteration
-        samples = self.sync.samples(lines[self._console_cursor:])
+        samples = self.sync.samples(lines)
         # QEMU's trace comes from its log file alone: a rebalance also records the trace
         # lines it read into the run's events, and taking both would double every line
         host = [e for e in self.m.run.events
                 if e.t_host_ns >= self.start_ns and e.source != Source.HOST_TRACE]
         # a QMP stop/cont stops the guest clock under TCG: the fit is piecewise between pauses
         alignment = clock.estimate(samples, pauses=clock.pauses_from_events(host))
-        trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns)
-        console_events = events_from_console(lines[self._console_cursor:])
+        trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns,
+                              self._trace_offset)
+        console_events = events_from_console(lines)
         audio_events = self._audio_events(clock.pauses_from_events(host), final=True)
         meta: dict[str, Any] = {"accelerator": self.m.accel.name if self.m.accel else None,
                                 "samples": {"two_way": sum(1 for s in samples if s.kind == "two-way"),

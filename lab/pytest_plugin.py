@@ -170,7 +170,7 @@ def lab(lab_machine: Machine, _observation: Observation) -> Lab:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
+    outcome: Any = yield
     rep = outcome.get_result()
     if rep.when == "call" and rep.failed:
         for k, v in item.user_properties:

@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 from lab.privacy import child_env
 from lab.errors import QemuError
@@ -37,7 +38,7 @@ class QemuProcess:
         self.stderr_path = stderr_path
         self._log = log
         self._proc: subprocess.Popen[bytes] | None = None
-        self._stderr = None
+        self._stderr: IO[bytes] | None = None
         self.stopped_by: str | None = None
 
     def start(self) -> None:
@@ -70,6 +71,11 @@ class QemuProcess:
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    def responsive(self) -> bool:
+        """Running and able to answer (not dead, not SIGSTOPped): only then is it worth
+        sending QEMU or its guest anything that waits for a reply."""
+        return self.alive() and not self.suspended()
 
     def returncode(self) -> int | None:
         return self._proc.poll() if self._proc else None

@@ -12,6 +12,7 @@ for its ``DEVICE_DELETED``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import threading
 import time
@@ -40,6 +41,8 @@ def event_time_ns(ev: Mapping[str, Any]) -> int:
 
 #: commands that only read state: polled in waits, logged when their reply changes
 QUIET_PREFIXES = ("query-", "qom-list", "qom-get")
+#: distinct replies per polled query remembered for ``same_as_line`` references
+MAX_DISTINCT_REPLIES = 256
 
 
 class QmpSession:
@@ -47,6 +50,8 @@ class QmpSession:
         self.socket_path = socket_path
         self._log: TextIO = open(log_path, "a", buffering=1, encoding="utf-8")
         self._log_lock = threading.Lock()
+        # line numbers count the file's lines (a restored VM appends to its VM's log)
+        self._lines = _count_lines(log_path)
         self._client = QMPClient(name)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="qmp-loop",
@@ -54,6 +59,7 @@ class QmpSession:
         self._thread.start()
         self._cond = threading.Condition()
         self._events: list[dict[str, Any]] = []
+        self._base = 0          # the absolute index of _events[0] (older ones forgotten)
         self._pump: asyncio.Future[None] | None = None
         self._closed = False
         self.on_event: list[Callable[[dict[str, Any]], None]] = []
@@ -61,6 +67,10 @@ class QmpSession:
         # identical replies were not logged since (qmp.jsonl logs what changed)
         self._last_reply: dict[str, str] = {}
         self._unchanged: dict[str, int] = {}
+        # ... and every distinct reply already logged, by line: a reply that comes back
+        # (query-pci: no device, device in, no device, ...) is logged as a reference to
+        # the line that holds it, so a 500-iteration run logs each PCI state once
+        self._logged_at: dict[str, dict[str, int]] = {}
 
     # ---- plumbing ------------------------------------------------------------------
     def _call(self, what: str, coro: Any, timeout: float) -> Any:
@@ -71,11 +81,18 @@ class QmpSession:
             fut.cancel()
             raise DeadlineExceeded(what, timeout) from None
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, record: dict[str, Any]) -> int | None:
+        """Append one record; its line number in qmp.jsonl (1-based), None if not written."""
         record.setdefault("t_host_ns", time.time_ns())
         with self._log_lock:
-            if not self._log.closed:
+            if self._log.closed:
+                return None
+            try:
                 self._log.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+            except OSError:
+                return None          # a full disk: the session goes on (the run says so)
+            self._lines += 1
+            return self._lines
 
     async def _pump_events(self) -> None:
         listener = EventListener()
@@ -144,6 +161,17 @@ class QmpSession:
                 return result
             self._last_reply[key] = digest
             self._unquiet(key, cmd, args, t0)
+            seen = self._logged_at.setdefault(key, {})
+            h = hashlib.sha256(digest.encode()).hexdigest()
+            if h in seen:
+                self._write({"dir": "in", "execute": cmd, "same_as_line": seen[h],
+                             "elapsed_ns": time.time_ns() - t0})
+                return result
+            line = self._write({"dir": "in", "execute": cmd, "return": result,
+                                "elapsed_ns": time.time_ns() - t0})
+            if line is not None and len(seen) < MAX_DISTINCT_REPLIES:
+                seen[h] = line
+            return result
         self._write({"dir": "in", "execute": cmd, "return": result,
                      "elapsed_ns": time.time_ns() - t0})
         return result
@@ -163,11 +191,29 @@ class QmpSession:
     def cursor(self) -> int:
         """A position in the event history; ``wait_event(after=...)`` looks past it."""
         with self._cond:
-            return len(self._events)
+            return self._base + len(self._events)
 
     def events(self, after: int = 0) -> list[dict[str, Any]]:
+        """Events from absolute index ``after`` on (those forgotten are in qmp.jsonl)."""
         with self._cond:
-            return list(self._events[after:])
+            return list(self._events[max(0, after - self._base):])
+
+    def cursor_at(self, t_ns: int) -> int:
+        """The cursor of the first event at or after host time ``t_ns``."""
+        with self._cond:
+            for i, ev in enumerate(self._events):
+                if ev.get("t_host_ns", 0) >= t_ns:
+                    return self._base + i
+            return self._base + len(self._events)
+
+    def forget_before(self, cursor: int) -> int:
+        """Drop events before ``cursor`` from memory (qmp.jsonl keeps them), so a long
+        run's memory stays flat. Cursors keep their meaning."""
+        with self._cond:
+            n = max(0, min(cursor - self._base, len(self._events)))
+            del self._events[:n]
+            self._base += n
+            return n
 
     def wait_event(self, name: str, *, after: int, timeout: float,
                    match: EventMatch | None = None, what: str | None = None) -> dict[str, Any]:
@@ -176,8 +222,9 @@ class QmpSession:
         idx = after
         with self._cond:
             while True:
-                while idx < len(self._events):
-                    ev = self._events[idx]
+                idx = max(idx, self._base)
+                while idx < self._base + len(self._events):
+                    ev = self._events[idx - self._base]
                     idx += 1
                     if ev.get("event") == name and (match is None or match(ev)):
                         return ev
@@ -212,3 +259,11 @@ class QmpSession:
             self._loop.close()
         with self._log_lock:
             self._log.close()
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        return 0

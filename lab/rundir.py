@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,6 +28,28 @@ def _slug(name: str) -> str:
 def iso(t_ns: int) -> str:
     return dt.datetime.fromtimestamp(t_ns / 1e9, tz=dt.timezone.utc).strftime(
         "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def events_since(events: list[Event], t_ns: int) -> tuple[list[Event], int]:
+    """The events at or after ``t_ns``, and how many were older."""
+    keep = [e for e in events if e.t_host_ns >= t_ns]
+    return keep, len(events) - len(keep)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write a whole file or nothing: a reader (or a run on a full disk) never sees half
+    of it, and a failed write leaves no temporary file behind."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}-", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
 
 
 class RunDir:
@@ -66,11 +90,13 @@ class RunDir:
                     # logs every rung): count it, and keep the lines in memory
                     self.write_failures += 1
 
-    def record(self, event: Event) -> Event:
-        """Append a host-observed event to events.jsonl (raw, before alignment)."""
+    def record(self, event: Event, *, keep: bool = True) -> Event:
+        """Append a host-observed event to events.jsonl (raw, before alignment);
+        ``keep`` it in memory for live waits too (a --jobs worker keeps its own)."""
         with self._lock:
             self._seq += 1
-            self.events.append(event)
+            if keep:
+                self.events.append(event)
             if not self._events.closed:
                 try:
                     self._events.write(event.dumps() + "\n")
@@ -78,19 +104,19 @@ class RunDir:
                     self.write_failures += 1
         return event
 
+    def forget_events_before(self, t_ns: int) -> int:
+        """Drop host events older than ``t_ns`` from memory (events.jsonl keeps them):
+        live waits look only at the current iteration's. Returns how many were dropped."""
+        with self._lock:
+            self.events, n = events_since(self.events, t_ns)
+            return n
+
     def write_json(self, rel: str, data: Any) -> Path:
-        p = self.path / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(p)
-        return p
+        return atomic_write(self.path / rel,
+                            json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
     def write_text(self, rel: str, text: str) -> Path:
-        p = self.path / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-        return p
+        return atomic_write(self.path / rel, text)
 
     def close(self) -> None:
         """Close the logs. Idempotent."""

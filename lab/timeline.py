@@ -444,11 +444,15 @@ class Timeline:
         """Write ``timeline.jsonl`` atomically (a reader never sees half a file)."""
         p = Path(path)
         tmp = p.with_name(p.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(self.header(), sort_keys=True, default=str) + "\n")
-            for e in self.events:
-                f.write(e.dumps() + "\n")
-        os.replace(tmp, p)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.header(), sort_keys=True, default=str) + "\n")
+                for e in self.events:
+                    f.write(e.dumps() + "\n")
+            os.replace(tmp, p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)      # a full disk leaves no half file behind
+            raise
         return p
 
     @classmethod

@@ -11,7 +11,9 @@ pytest plugin records image versions.
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,14 @@ def write_junit(run_dir: str | Path, summary: Summary, path: str | Path | None =
     out = Path(path) if path is not None else Path(run_dir) / JUNIT_FILE
     doc = build_junit(summary, run_dir=run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc.write(str(out), pretty=True)
-    JUnitXml.fromfile(str(out))      # a CI that cannot read it would silently show nothing
+    # whole or nothing (a full disk must not leave half a file for CI to choke on)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        doc.write(tmp, pretty=True)
+        JUnitXml.fromfile(tmp)       # a CI that cannot read it would silently show nothing
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return out

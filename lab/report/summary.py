@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +59,10 @@ class RunInfo:
     alignment_bound_ns: int | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
     scenario_file: str | None = None
+    #: ``--shard K/N`` (lab.shard's record: index, total, rule, scenario hash, seed,
+    #: overrides) or, in a merged run, which shards it was rebuilt from; None for an
+    #: ordinary run (and in summaries written before shards existed)
+    shard: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -358,18 +360,16 @@ def write_summary(run_dir: str | Path, info: RunInfo, results: Iterable[Iteratio
                   ) -> Summary:
     """Build and write ``run_dir/summary.json`` atomically (a reader never sees half)."""
     summary = build_summary(info, results)
-    path = Path(run_dir) / SUMMARY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".summary-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(summary.to_json(), f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_summary(run_dir, summary)
     return summary
+
+
+def save_summary(run_dir: str | Path, summary: Summary) -> Path:
+    from lab.rundir import atomic_write
+
+    return atomic_write(Path(run_dir) / SUMMARY_FILE,
+                        json.dumps(summary.to_json(), indent=2, sort_keys=False, default=str)
+                        + "\n")
 
 
 def load_summary(run_dir: str | Path) -> Summary:

@@ -33,6 +33,8 @@ _DRIVER_KINDS = (Kind.PROBE_ENTER, Kind.PROBE_EXIT, Kind.REMOVE_ENTER, Kind.REMO
                  Kind.CALL_ENTER, Kind.DRIVER_IO, Kind.BOUND, Kind.UNBOUND, Kind.UEVENT)
 _DECODE_KINDS = (Kind.DECODE_ON, Kind.DECODE_OFF, Kind.BAR_MAPPED, Kind.BAR_UNMAPPED,
                  Kind.DEVICE_DELETED)
+#: the kernel taking devices off its bus (sysfs remove, hot-unplug) and putting them back
+_BUS_REMOVE = "pci_stop_and_remove_bus_device_locked"
 
 
 def ret_value(ev: Event) -> int | None:
@@ -242,9 +244,13 @@ class LinuxDriverRule:
                 hw.setdefault(ctx.label(ev.device), []).append(ev)
         limit_ns = ctx.limits.unbound_decode_max_ms * 1e6
         end = ctx.end_of(timeline)
+        bus = [e for e in timeline.select(kinds=(Kind.CALL_ENTER, Kind.CALL_EXIT))
+               if e.data.get("func") == _BUS_REMOVE]
         for label, hevs in hw.items():
             use_edges = any(e.kind in (Kind.DECODE_ON, Kind.DECODE_OFF) for e in hevs)
-            merged = sorted(hevs + driver_events.get(label, []), key=lambda e: e.seq)
+            # (a bus-removal call may also be among the device's own events: once each)
+            merged = sorted({id(e): e for e in hevs + driver_events.get(label, []) + bus}
+                            .values(), key=lambda e: e.seq)
             decode = False
             mapped: set[object] = set()
             control: bool | None = (None if ctx.bound_at_start is None
@@ -275,8 +281,23 @@ class LinuxDriverRule:
             # unplug), a second or more before it deletes the device.
             edge_on = False
             seen_mapping = False
+            # The kernel removing the device from its bus (its remove() called from the
+            # bus removal) leaves the command register alone: the device is no longer
+            # the OS's, and no driver can own it, until a rescan finds it again. That
+            # stretch is the kernel's teardown, not a driver leaving its device exposed,
+            # and it lasts as long as the guest is slow (1 s seen with two VMs on two
+            # cores, a false alarm on a correct driver).
+            bus_removing = 0
+            gone = False
             for ev in merged:
                 k = ev.kind
+                if k in (Kind.CALL_ENTER, Kind.CALL_EXIT):
+                    if ev.data.get("func") == _BUS_REMOVE:
+                        bus_removing = max(0, bus_removing + (1 if k == Kind.CALL_ENTER else -1))
+                    continue
+                if k == Kind.UEVENT and ev.data.get("action") == "add":
+                    gone = False             # found again (a rescan): exposure counts
+                    continue
                 if k == Kind.DECODE_ON:
                     edge_on = True
                 elif k == Kind.DECODE_OFF:
@@ -292,10 +313,15 @@ class LinuxDriverRule:
                 elif k == Kind.PROBE_ENTER:
                     probe_depth += 1
                     control = True
+                    gone = False
                 elif k == Kind.PROBE_EXIT:
                     probe_depth = max(0, probe_depth - 1)
                     if probe_depth == 0:
                         control = _ok(ev)
+                elif k == Kind.REMOVE_ENTER:
+                    if bus_removing:
+                        gone = True
+                    continue
                 elif k == Kind.REMOVE_EXIT:
                     control = False
                 elif _bind_state(ev) is not None:
@@ -304,7 +330,7 @@ class LinuxDriverRule:
                     continue
                 has_bar = bool(mapped) or (use_edges and not seen_mapping)
                 decode = (edge_on if use_edges else True) and has_bar
-                exposed = decode and control is False
+                exposed = decode and control is False and not gone
                 if exposed and start is None:
                     start = ev
                 elif not exposed and start is not None:

@@ -304,7 +304,9 @@ class LinuxTracer:
         observation of this boot.
         """
         agent = self.m.agent
-        alive = self.m.process is not None and self.m.process.alive()
+        # a frozen QEMU (SIGSTOP) answers nothing: each SSH channel open would wait out
+        # its own deadline (26 s seen) before the lab could say why
+        alive = self.m.process is not None and self.m.process.responsive()
         if alive and agent is not None:
             token = f"rebalab-drain-{next(_DRAIN_TOKENS)}"
             self._drained.clear()

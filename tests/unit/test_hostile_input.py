@@ -4,6 +4,8 @@ content, quickly and in bounded memory. A first part of issue 13's corpus."""
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -141,3 +143,62 @@ def test_windows_image_arguments_are_checked_before_kvm(
                "--dry-run", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and why in err and "KVM" not in err, err
+
+
+def test_a_missing_windows_image_is_one_line_before_any_progress(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["run", str(REPO / "scenarios" / "hotplug-cycle.yaml"), "--guest",
+               f"windows:{tmp_path / 'missing.qcow2'}", "--runs", str(tmp_path / "runs")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", out
+    assert err.count("\n") == 1 and "Windows image not found" in err, err
+    assert not (tmp_path / "runs").exists()      # no run directory for a run that never began
+
+
+def _fake_run(tmp_path: Path, base: Path, scenario_text: str) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scenario.yaml").write_text(scenario_text)
+    (run / "run.json").write_text(json.dumps({"base_dir": str(base),
+                                              "scenario_file": "mine.yaml"}))
+    return run
+
+
+REPLAYED = """name: r
+topology: secret.yaml
+guest: linux
+steps:
+  - guest: {run: "true"}
+"""
+
+
+def test_replay_does_not_trust_a_base_dir_that_does_not_hold_the_scenario(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A stranger's run.json names a directory of ours: its files must not become the
+    replay's topology (or a Windows disk)."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "secret.yaml").write_text(f"machine: q35\n# {SECRET}\n")
+    run = _fake_run(tmp_path, victim, REPLAYED)
+    rc = main(["replay", str(run), "--iteration", "0", "--runs", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and SECRET not in err
+    assert "no longer holds this run's scenario" in err
+    assert str(run / "secret.yaml") in err or "secret.yaml" in err.splitlines()[-1], err
+
+
+def test_replay_trusts_the_base_dir_that_still_holds_the_scenario(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lab.cli import _replay_base
+    import argparse
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mine.yaml").write_text(REPLAYED)
+    run = _fake_run(tmp_path, home, REPLAYED)
+    meta = json.loads((run / "run.json").read_text())
+    args = argparse.Namespace(base_dir=None)
+    assert _replay_base(args, run, meta, REPLAYED) == home
+    (home / "mine.yaml").write_text(REPLAYED + "# edited\n")
+    assert _replay_base(args, run, meta, REPLAYED) == run
+    assert _replay_base(argparse.Namespace(base_dir=str(home)), run, meta, REPLAYED) == home

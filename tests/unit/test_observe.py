@@ -40,7 +40,7 @@ def test_clock_samples_come_from_the_observation_window_only(tmp_path: Path) -> 
 
     old = [ConsoleLine(1_000_000_000 + i, f"[    1.{i:06d}] old line {i}", i) for i in range(5)]
     new = [ConsoleLine(9_000_000_000 + i, f"[    9.{i:06d}] new line {i}", 5 + i) for i in range(3)]
-    console = SimpleNamespace(lines=lambda: old + new, cursor=lambda: len(old))
+    console = SimpleNamespace(lines=lambda after=0: (old + new)[after:], cursor=lambda: len(old))
     m = SimpleNamespace(console=console, accel=None, artifacts=tmp_path, ssh_port=None, sync=None,
                         run=SimpleNamespace(events=[]))
     obs = Observation(m, kprobes=False)  # type: ignore[arg-type]
