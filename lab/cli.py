@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from lab import __version__
 from lab.errors import Interrupted, LabError
@@ -132,7 +133,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
         print(f"\n  ssh -i {image.ssh_key} -p {machine.ssh_port} -o UserKnownHostsFile=/dev/null "
               f"-o StrictHostKeyChecking=no root@127.0.0.1\n"
               f"  (the lab itself pins the guest key from {image.file('host_key.pub')})\n"
-              f"  QMP socket: {machine.private / 'qmp.sock'} (the lab holds the QMP connection)\n"
+              f"  QMP socket: {machine.private / 'qmp.sock' if machine.private else '-'} "
+              "(the lab holds the QMP connection)\n"
               f"  artifacts: {run.path}\n\nPress Ctrl-C to stop the VM.")
         while machine.process is not None and machine.process.alive():
             time.sleep(0.5)
@@ -144,6 +146,24 @@ def cmd_boot(args: argparse.Namespace) -> int:
     finally:
         machine.stop()
         run.close()
+
+
+def _trigger_table() -> str:
+    """``rebalab rebalance --help``: per trigger and guest OS, what it does and does not
+    exercise (lab.scenario.steps.TRIGGER_EXERCISES, the README's table too)."""
+    import textwrap
+
+    from lab.scenario.steps import TRIGGER_EXERCISES
+
+    out = []
+    for trig, per_os in TRIGGER_EXERCISES.items():
+        out.append(trig)
+        for os_name in ("linux", "windows"):
+            out.append(textwrap.fill(per_os[os_name], width=88, initial_indent=f"  {os_name:8}",
+                                     subsequent_indent=" " * 10))
+    out.append("This command runs the built-in Linux guest; for Windows write a scenario and "
+               "`rebalab run --guest windows:IMAGE`.")
+    return "\n".join(out)
 
 
 def cmd_rebalance(args: argparse.Namespace) -> int:
@@ -262,7 +282,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _run_scenario(scenario, args: argparse.Namespace, only=None, suffix: str = "",  # type: ignore[no-untyped-def]
                   overrides=None, attempts: int = 1,
-                  every_attempt: bool = False) -> int:  # type: ignore[no-untyped-def]
+                  every_attempt: bool = False,
+                  record: str | None = None,
+                  shard: Any = None) -> int:  # type: ignore[no-untyped-def]
     from lab.report import RunConsole, print_summary
     from lab.runner import ScenarioRunner
     from lab.scenario.overrides import Overrides
@@ -270,17 +292,41 @@ def _run_scenario(scenario, args: argparse.Namespace, only=None, suffix: str = "
     overrides = overrides or Overrides()
     scenario = overrides.apply(scenario)
     total = (len(only) if only is not None else len(scenario.sweep())) * attempts
+    # the guest and the run directory are checked and made before any progress is
+    # printed: a missing image is one error line, not a "0/6 done" run first
+    from lab.parallel import auto_jobs, parse_jobs
+    jobs = parse_jobs(str(getattr(args, "jobs", None) or "1"))
+    runner = ScenarioRunner(scenario, runs_root=Path(args.runs), accel=args.accel,
+                            only=only, name_suffix=suffix, console=None,
+                            overrides=overrides, attempts=attempts,
+                            every_attempt=every_attempt, record=record,
+                            jobs=jobs if isinstance(jobs, int) else 1,
+                            **({"shard": shard[0]} if shard and shard[0] else {}))
+    if jobs == "auto":
+        runner.jobs = auto_jobs(args.accel or "auto", runner.topology.memory_mb)
+    runner.jobs = max(1, min(runner.jobs, total))      # no idle VMs
+    if runner.jobs > 1:
+        runner.run.log(f"--jobs {jobs}: {runner.jobs} VMs")
+    for line in shard[1] if shard else ():
+        runner.run.log(line)           # which engine variables chose the shard
     with RunConsole(scenario.name + suffix, total) as ui:
-        runner = ScenarioRunner(scenario, runs_root=Path(args.runs), accel=args.accel,
-                                only=only, name_suffix=suffix, console=ui,
-                                overrides=overrides, attempts=attempts,
-                                every_attempt=every_attempt)
+        runner.console = ui
         ui.note(f"run directory: {runner.run.path}")
         if not overrides.empty:
             ui.note(f"overrides: {overrides.describe()}")
+        if shard and shard[0]:
+            ui.note(f"shard {shard[0]['index']}/{shard[0]['total']} "
+                    f"({shard[0]['source']}): {len(only or ())} of "
+                    f"{shard[0]['sweep_size']} iterations; merge the shards with "
+                    "`rebalab merge RUN_DIR... --out DIR`")
         summary = runner.execute()
     print_summary(summary)
     print(f"run directory: {runner.run.path}")
+    if runner.unwritten:
+        # the results above are the only full copy: say so, once, and fail the run
+        print(f"error: not written to {runner.run.path}: {', '.join(runner.unwritten)} "
+              "(see lab.log; free space and run again)", file=sys.stderr)
+        return EXIT_LAB
     print(f"reports: {runner.run.path / 'report.html'}, {runner.run.path / 'junit.xml'}")
     return int(summary.exit_code)
 
@@ -298,7 +344,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         if bad:
             raise UsageError(f"--iteration {bad[0]} does not exist (0..{n - 1})")
         only = args.iteration
-    return _run_scenario(scenario, args, only, overrides=overrides)
+    # --shard K/N, else the engine's variables (lab.shard); checked before any VM
+    from lab import shard as shard_mod
+    resolved = shard_mod.resolve(getattr(args, "shard", None), os.environ,
+                                 explicit_iterations=args.iteration is not None)
+    # (the shard record for run.json/summary.json or None, the lines for lab.log)
+    shard: tuple[dict[str, Any] | None, tuple[str, ...]] | None = None
+    suffix = ""
+    if resolved.shard is not None:
+        effective = overrides.apply(scenario)
+        shard_mod.check_fits(resolved.shard, len(effective.sweep()))
+        only = resolved.shard.indices(len(effective.sweep()))
+        shard = (shard_mod.record(resolved.shard, effective, overrides), resolved.notes)
+        suffix = f"-shard-{resolved.shard.index}-of-{resolved.shard.total}"
+    elif resolved.notes:
+        shard = (None, resolved.notes)     # variables seen but no shard: lab.log says so
+    record = args.record or scenario.record
+    if record:
+        from lab.record import check_recordable
+        if args.accel == "kvm":
+            raise UsageError("--record needs TCG (QEMU records and replays only under "
+                             "-icount); drop --accel kvm")
+        # before any VM: a step the replay log cannot hold is refused at its line
+        check_recordable(overrides.apply(scenario),
+                         flag="--record" + (" all" if args.record == "all" else ""))
+        if args.accel is None:
+            args.accel = "tcg"
+    return _run_scenario(scenario, args, only, suffix, overrides=overrides, record=record,
+                         shard=shard)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -313,6 +386,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from lab.scenario import validate_text
     from lab.scenario.overrides import Overrides
 
+    if args.exact:
+        if args.attempts != 1 or args.every_attempt:
+            raise UsageError("--exact replays the recording, which gives the same run every "
+                             "time: --attempts/--every-attempt do not apply")
+        from lab.replay_exact import replay_exact
+        return replay_exact(Path(args.run_dir), args.iteration, runs_root=Path(args.runs),
+                            timeout=args.timeout, gdb=args.gdb)
+    if args.gdb or args.timeout is not None:
+        raise UsageError("--gdb and --timeout go with --exact")
     if args.attempts < 1:
         raise UsageError(f"--attempts {args.attempts}: must be 1 or more")
     if args.every_attempt and args.attempts == 1:
@@ -326,9 +408,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
             or not isinstance(meta.get("scenario_file") or "", str):
         raise UsageError(f"{run_dir}/run.json: not a run record (base_dir and scenario_file "
                          "must be text)")
-    base = meta.get("base_dir")
     scenario = validate_text(text, meta.get("scenario_file") or str(run_dir / "scenario.yaml"),
-                             resolve_topology, base_dir=Path(base) if base else run_dir)
+                             resolve_topology, base_dir=_replay_base(args, run_dir, meta, text))
     overrides = Overrides.from_json(meta.get("overrides"))
     n = len(overrides.apply(scenario).sweep())
     if not 0 <= args.iteration < n:
@@ -336,6 +417,53 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return _run_scenario(scenario, args, [args.iteration], suffix=f"-replay-{args.iteration}",
                          overrides=overrides, attempts=args.attempts,
                          every_attempt=args.every_attempt)
+
+
+def _replay_base(args: argparse.Namespace, run_dir: Path, meta: dict[str, Any],
+                 text: str) -> Path:
+    """Where the replayed scenario's relative paths (topology, guest image) resolve.
+
+    run.json's ``base_dir`` is only a claim: a run directory may come from someone
+    else, and a base of ``/root/.ssh`` would make a "topology" or a Windows "image" of
+    any host file. It is believed when it still holds the scenario file the run
+    recorded, with the same text (which a stranger's run directory cannot arrange on
+    this machine); otherwise the run directory itself is the base. ``--base-dir`` is
+    the user's own word and wins.
+    """
+    if getattr(args, "base_dir", None):
+        return Path(args.base_dir)
+    base = meta.get("base_dir")
+    name = Path(str(meta.get("scenario_file") or "")).name
+    if base and name:
+        try:
+            from lab.inputs import read_text
+            if read_text(Path(base) / name, "the recorded scenario file") == text:
+                return Path(base)
+        except (SpecError, OSError):
+            pass
+        print(f"note: {base} (run.json's base_dir) no longer holds this run's scenario; "
+              f"its relative paths resolve in {run_dir} (--base-dir DIR to choose)",
+              file=sys.stderr)
+    return run_dir
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """The shard runs of one sweep (``run --shard K/N``) as one run directory (lab.merge);
+    exit status that of the merged summary (0/1/2/130), 2 when refused."""
+    from lab.merge import merge
+    from lab.report import print_summary
+
+    result = merge([Path(p) for p in args.run_dirs], Path(args.out))
+    print_summary(result.summary)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"merged {len(result.shards)} shards ("
+          + ", ".join(f"{r.label}: {r.path}" for r in result.shards)
+          + f"); artifacts copied ({result.copied_files} files), sources in "
+          f"{result.out / 'MERGED.json'}")
+    print(f"run directory: {result.out}")
+    print(f"reports: {result.out / 'report.html'}, {result.out / 'junit.xml'}")
+    return int(result.summary.exit_code)
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
@@ -514,6 +642,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check every assumption the lab makes, one line each (lab.doctor); exit 0/1/2."""
+    from lab import doctor
+
+    def show(c: doctor.Check) -> None:
+        print(c.render(), flush=True)
+
+    if not args.json:
+        print(f"rebalab doctor: guest {args.guest}, runs {args.runs}", flush=True)
+    doc = doctor.run_doctor(args.guest, runs=Path(args.runs), accel=args.accel,
+                            quick=args.quick, emit=(lambda c: None) if args.json else show)
+    if args.json:
+        print(json.dumps({"guest": args.guest, "exit_code": doc.exit_code,
+                          "run_dir": str(doc.run_dir) if doc.run_dir else None,
+                          "checks": [c.to_json() for c in doc.checks]}, indent=2))
+        return doc.exit_code
+    n = {s: sum(1 for c in doc.checks if c.status == s) for s in ("ok", "warn", "fail")}
+    print(f"{len(doc.checks)} checks: {n['ok']} ok, {n['warn']} warning{'s' * (n['warn'] != 1)}, "
+          f"{n['fail']} failed"
+          + (f"; run directory: {doc.run_dir}" if doc.run_dir else ""))
+    return doc.exit_code
+
+
 # ---- parser ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -542,7 +693,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_boot)
 
     r = sub.add_parser("rebalance", help="boot, plug the audio device, run one rebalance trigger "
-                       "and show what moved on the host")
+                       "and show what moved on the host",
+                       description="Boot the built-in Linux guest, plug the audio device, run "
+                       "one trigger and show what moved as the host saw it (query-pci diff, "
+                       "QEMU's trace). In scenarios every trigger is a step (rebalance: "
+                       "{trigger: ...}); what each one exercises differs per guest OS:",
+                       epilog=_trigger_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("trigger", choices=("pressure", "rescan", "cpu-hotplug", "reconfigure", "resize"))
     r.add_argument("--model", default="ich9-intel-hda", help="audio device model")
     r.add_argument("--mode", default="native", help="hot-plug mode: acpi or native")
@@ -570,12 +726,31 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--seed", type=int, metavar="N", help="the scenario seed (0 .. 2^63-1)")
     rn.add_argument("--until-fail", type=int, nargs="?", const=1, metavar="N",
                     help="stop after N failed iterations (default 1)")
-    rn.add_argument("--reset", choices=("none", "replug", "reboot"),
-                    help="what happens between iterations (overrides the scenario's reset)")
+    rn.add_argument("--jobs", default="1", metavar="N|auto",
+                    help="VMs run at once, iterations handed out from one queue (default "
+                    "1; auto: one per core, as memory allows); results equal --jobs 1's")
+    rn.add_argument("--reset", choices=("none", "replug", "reboot", "snapshot"),
+                    help="what happens between iterations (overrides the scenario's reset); "
+                    "snapshot: every iteration starts from the state saved right after "
+                    "the first VM was ready, in a fresh QEMU (no reboot, also after an oops)")
     rn.add_argument("--guest", metavar="linux|windows:IMAGE",
                     help="the guest to run on (overrides the scenario's guest; Windows needs KVM)")
     rn.add_argument("--agent", choices=("ssh", "winrm"),
                     help="how to reach the guest (default: ssh for Linux, winrm for Windows)")
+    rn.add_argument("--trace-provider", action="append", default=[], metavar="GUID[:FLAGS[:LEVEL]]",
+                    help="Windows: enable this WPP/TraceLogging provider of the driver under "
+                    "test (repeatable; FLAGS a number or hex, LEVEL 0..255, default "
+                    "0xFFFFFFFF:5). WPP when the scenario's guest.trace names a tmf/pdb, "
+                    "else TraceLogging")
+    rn.add_argument("--record", nargs="?", const="failing", choices=("failing", "all"),
+                    help="record every iteration with QEMU record/replay (TCG; a fresh VM "
+                    "per iteration) and keep the recordings of failing iterations, or of "
+                    "all with --record all; replay one with `replay --exact`")
+    rn.add_argument("--shard", metavar="K/N",
+                    help="run shard K of N: the iterations with index %% N == K-1 (default: "
+                    "from CI_NODE_INDEX/CI_NODE_TOTAL, JOB_COMPLETION_INDEX with "
+                    "REBALAB_SHARD_TOTAL, or SLURM_ARRAY_TASK_*); put the shards back "
+                    "together with `rebalab merge`")
     common(rn)
     rn.set_defaults(func=cmd_run)
 
@@ -587,8 +762,32 @@ def build_parser() -> argparse.ArgumentParser:
                     "reproduces only some of the time; default 1)")
     rp.add_argument("--every-attempt", action="store_true",
                     help="run all N attempts, to measure how often it reproduces")
+    rp.add_argument("--base-dir", metavar="DIR",
+                    help="resolve the scenario's relative paths (topology, guest image) "
+                    "here (default: the run's recorded directory when it still holds the "
+                    "scenario, else the run directory)")
+    rp.add_argument("--exact", action="store_true",
+                    help="replay the iteration's QEMU recording (run --record) instruction "
+                    "for instruction, and compare console, kernel log and oops with the run")
+    rp.add_argument("--gdb", action="store_true",
+                    help="with --exact: start the replay paused with QEMU's gdb stub and "
+                    "print how to attach (reverse execution needs a recording made with "
+                    "snapshots)")
+    rp.add_argument("--timeout", type=float, metavar="S",
+                    help="with --exact: give up after S seconds (default: scaled to the "
+                    "recording's length)")
     common(rp)
     rp.set_defaults(func=cmd_replay)
+
+    mg = sub.add_parser("merge", help="merge the shard runs of one sweep (run --shard K/N) "
+                        "into one run directory: summary, JUnit, HTML",
+                        description="Exit status: that of the merged run (0/1/2/130); 2 "
+                        "when the directories are not every shard of one run, once.")
+    mg.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="the N shard run "
+                    "directories (any order)")
+    mg.add_argument("--out", required=True, metavar="DIR",
+                    help="the merged run directory (new, or empty)")
+    mg.set_defaults(func=cmd_merge)
 
     t = sub.add_parser("timeline", help="print a run's aligned timeline (host and guest events)")
     t.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or a timeline.jsonl")
@@ -637,6 +836,17 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the device models and what the installed QEMU offers")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
+
+    doc = sub.add_parser("doctor", help="check every assumption the lab makes on this machine "
+                         "(QEMU, KVM, image, agent, tracer, clock), with the fix for each",
+                         description="Exit 0: all checks passed (warnings allowed); 1: a check "
+                         "failed; 2: the doctor could not run.")
+    doc.add_argument("--guest", default="linux", metavar="linux|windows:IMAGE",
+                     help="the guest to check (default linux: boots the built-in image once)")
+    doc.add_argument("--quick", action="store_true", help="skip the hot-plug check")
+    doc.add_argument("--json", action="store_true", help="print the checks as one JSON document")
+    common(doc)
+    doc.set_defaults(func=cmd_doctor)
     return p
 
 

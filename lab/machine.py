@@ -41,7 +41,11 @@ from lab.guest import BootFiles, GuestBoot, GuestPanicked, LinuxGuest
 from lab.image import GuestImage
 from lab.logs.qmp import event_from_qmp
 from lab.qemu_process import QemuProcess
+from lab.record import RecordSpec, netdev_id, recordable_network, rr_args
+from lab.record_io import FifoRelay, chardev_file
 from lab.qmp import QmpSession
+from lab import snapshot
+from lab.snapshot import RestorePoint
 from lab.rundir import RunDir
 from lab.windows.panic import panic_event
 from vdevice import topology as topo_mod
@@ -134,7 +138,8 @@ class Machine:
                  accel: str | None = None, inventory: QemuInventory | None = None,
                  binary: str | None = None, audio_capture: bool = False,
                  extra_args: Sequence[str] = (), trace_events: Sequence[str] = DEFAULT_TRACE_EVENTS,
-                 subdir: str | None = None) -> None:
+                 subdir: str | None = None, record: RecordSpec | None = None,
+                 restore: RestorePoint | None = None) -> None:
         if guest is not None and image is not None:
             raise ConfigError("give Machine a guest or an image, not both "
                               "(image=X is short for guest=LinuxGuest(X))")
@@ -154,6 +159,11 @@ class Machine:
         self.audio_path: Path | None = self.artifacts / "audio.wav" if audio_capture else None
         self.extra_args = list(extra_args)
         self.trace_events = tuple(trace_events)
+        # under QEMU's record mode (lab.record): the guest's inputs go to this log
+        self.record = record
+        self._relays: list[FifoRelay] = []
+        # reset: snapshot (lab.snapshot): start from this saved state instead of booting
+        self.restore = restore
         self.state = MachineState.NEW
         # ids of devices in QEMU right now (cold ones from boot; plug/unplug keep it)
         self.present: set[str] = {d.id for d in topology.devices
@@ -238,18 +248,24 @@ class Machine:
             *guest.boot,
             "-chardev", sock("qmp0", priv / "qmp.sock"),
             "-mon", "chardev=qmp0,mode=control",
-            "-chardev", sock("con0", priv / "console.sock"),
+            # recorded: output ports into FIFOs that never push back (lab.record_io)
+            "-chardev", (chardev_file("con0", priv / "console.fifo") if self.record
+                         else sock("con0", priv / "console.sock")),
             "-serial", "chardev:con0",
             "-chardev", sock("sync0", priv / "sync.sock"),
             "-serial", "chardev:sync0",
             # ttyS2: guest trace stream (kprobes), independent of SSH and the network
-            "-chardev", sock("trace0", priv / "trace.sock"),
+            "-chardev", (chardev_file("trace0", priv / "trace.fifo") if self.record
+                         else sock("trace0", priv / "trace.sock")),
             "-serial", "chardev:trace0",
-            *guest.network,
+            *(recordable_network(guest.network) if self.record else guest.network),
             "-audiodev", audio,
             "-D", str(art / "qemu-trace.log"), "-msg", "timestamp=on",
             *[a for ev in self.trace_events for a in ("-trace", ev)],
             *self.extra_args,
+            *(rr_args("record", self.record.file, netdev=netdev_id(guest.network),
+                      snapshots=self.record.snapshots) if self.record else ()),
+            *(("-incoming", self.restore.incoming_uri()) if self.restore else ()),
         ]
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -280,6 +296,9 @@ class Machine:
             (self.private / OWNER_FILE).write_text(f"{os.getpid()}\n")
             self.stopped_at = f"preparing the {self.guest.os} guest's files"
             self.boot_files = self.guest.prepare(self)
+            if self.record is not None:
+                self._relays = [FifoRelay(self.private / f"{n}.fifo", self.private / f"{n}.sock")
+                                .start() for n in ("console", "trace")]
             for attempt in range(3):
                 self.ssh_port = free_port()
                 argv = self.argv()
@@ -298,12 +317,16 @@ class Machine:
                     break
                 except LabError:
                     tail = self.process.stderr_tail()
+                    rc = self.process.returncode()
                     self.qmp.close()
                     self.qmp = None
                     self.process.stop()
                     if "hostfwd" in tail or "host forwarding" in tail.lower():
                         self.run.log(f"port {self.ssh_port} was taken, retrying: {tail}")
                         continue
+                    if rc is not None and rc < 0 and not tail:
+                        # killed from outside (kill -9, the OOM killer): say so, not "no output"
+                        raise QemuError(f"QEMU exited (killed by signal {-rc}) while starting")
                     raise QemuError(f"QEMU did not start: {tail or 'no error output'} "
                                     f"(command line in {self.artifacts / 'qemu-cmdline.txt'})")
             else:
@@ -318,11 +341,17 @@ class Machine:
             self.trace_port = Console(self.private / "trace.sock",
                                       self.artifacts / "guest-trace.txt")
             self.trace_port.connect(seconds("qemu_start"))
+            if self.restore is not None:
+                self.stopped_at = "restoring the snapshot"
+                self.timings["restore_s"] = snapshot.wait_incoming(self, seconds("qemu_start"))
+                # what the guest has defined is what it had at the point
+                self.guest_cache = dict(self.restore.guest_cache)
             self.stopped_at = "booting the guest"
             self.qmp.execute("cont")
             t_cont = time.monotonic()
             t_cont_ns = time.time_ns()
-            self.guest.wait_boot(self)
+            if self.restore is None:
+                self.guest.wait_boot(self)
             self.stopped_at = "connecting the guest agent"
             self.agent = self.guest.make_agent(self)
             self.guest.wait_agent(self, self.agent)
@@ -334,7 +363,8 @@ class Machine:
                                   data={"name": "boot",
                                         "boot_to_agent_s": self.timings["boot_to_agent_s"]}))
             marker = self.timings.get("boot_to_marker_s")
-            self.run.log("guest ready: " + (f"marker {marker:.2f}s, " if marker is not None else "")
+            self.run.log(("guest restored from the snapshot: " if self.restore else "guest ready: ")
+                         + (f"marker {marker:.2f}s, " if marker is not None else "")
                          + f"agent {self.timings['boot_to_agent_s']:.2f}s after cont")
             self.stopped_at = None
             self._to(MachineState.RUNNING)
@@ -351,6 +381,10 @@ class Machine:
             if time.monotonic() > end:
                 raise QemuError(f"QEMU did not create {path.name} within {seconds('qemu_start')}s")
             time.sleep(0.01)
+        # QEMU binds before it listens: a connect in between is refused (seen once in a
+        # sweep of 8 boots: "QEMU did not start: no error output"); wait for the listen
+        while not _listening(path) and time.monotonic() < end:
+            time.sleep(0.005)
 
     def _on_qmp_event(self, ev: dict[str, Any]) -> None:
         name = ev.get("event", "")
@@ -387,8 +421,12 @@ class Machine:
         except LabError:
             return None
 
-    def stop(self) -> str | None:
+    def stop(self, *, discard: bool = False) -> str | None:
         """Shut down with the ladder; let the guest collect what it needs first.
+
+        ``discard``: the guest's state is thrown away (snapshot reset: the next
+        iteration starts from the restore point), so nothing is collected from it and
+        the ladder starts at QMP ``quit``.
 
         Ladder: the guest's polite steps (Linux: ``poweroff -f``; Windows: wait for the
         crash dump after a bug check, else ``Stop-Computer -Force``, then the ACPI power
@@ -405,17 +443,21 @@ class Machine:
             step: str | None = None
             try:
                 if self.process is not None and self.process.alive() and self.agent is not None \
-                        and self.panic is None and not self.process.suspended():
+                        and self.panic is None and not self.process.suspended() and not discard:
                     try:
                         self.guest.before_stop(self, self.agent)
                     except Exception as exc:      # noqa: BLE001 - never skip the ladder
                         self.log(f"collecting from the guest before stopping failed: {exc!r}")
                 polite = (self.guest.shutdown_steps(self, self.agent)
                           if self.process is None or not self.process.suspended() else [])
+                if discard:
+                    polite = [p for p in polite if p[0] == "qmp-quit"]
                 if self.process is not None:
                     step = self.process.stop(polite, step_timeout=seconds("shutdown_step"))
                     self.timings_stop = step
             finally:
+                for relay in self._relays:      # the rest of the output, then its end
+                    relay.stop()
                 for part in (self.agent, self.qmp, self.console, self.sync, self.trace_port):
                     if part is not None:
                         try:
@@ -467,6 +509,20 @@ class Machine:
             "pid": self.process.pid if self.process else None,
             "pid_self": os.getpid(),
         }
+
+
+def _listening(path: Path) -> bool:
+    """Whether a unix socket at ``path`` is listening (/proc/net/unix, flag
+    __SO_ACCEPTCON); True when that cannot be told, so the caller just connects."""
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 8 and parts[7] == str(path):
+                    return parts[3] == "00010000"
+    except OSError:
+        return True
+    return False
 
 
 def _shell_quote(a: str) -> str:

@@ -19,10 +19,13 @@ Step semantics (documented in scenarios/README.md):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
 import random
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,12 +36,15 @@ from typing import Any
 from lab import kmod
 from lab import operations as ops
 from lab import rebalance as rb
-from lab.errors import DeadlineExceeded, Interrupted, LabError, QemuError
+from lab import snapshot
+from lab.errors import (ArtifactsLost, DeadlineExceeded, Interrupted, LabError, QemuError,
+                        is_disk_full)
 from lab.events import DeviceId, Event, Kind, Source
 from lab.guest import GuestBoot, LinuxGuest
 from lab.image import GuestImage
 from lab.machine import Machine
 from lab.observe import Observation
+from lab.record_run import Recorder
 from lab.results import (EventRef, IterationResult, Status, StepTiming, Violation,
                          result_key)
 from lab.rules import check_all
@@ -49,6 +55,7 @@ from lab.scenario import (AssertAudio, AssertCount, AssertNoKind, AssertRule, Gu
                           Jitter, Module, Parallel, Pause, Play, Plug, RebalanceCpuHotplug, RebalancePressure,
                           RebalanceReconfigure, RebalanceRescan, RebalanceResize, Resume, Scenario,
                           Sleep, Step, Unplug, WaitEvent, WaitGuest, WaitJob, WaitPcm, WaitQmp)
+from lab.scenario.steps import RebalanceWdtf
 from lab.timeline import Timeline, device_matches
 from vdevice.topology import Device, HotplugMode, Placement, Topology
 
@@ -57,6 +64,15 @@ GUEST_RULES_LINUX = ("linux-driver", "kernel-oops", "bugcheck", "audio")
 GUEST_RULES_WINDOWS = ("windows-pnp", "bugcheck", "audio")
 #: per iteration: the rules the run applied and their context (see lab.inspect)
 RULES_FILE = "rules.json"
+
+
+class _Lost(Exception):
+    """A full disk during an iteration: its error result, and the run-ending cause."""
+
+    def __init__(self, result: IterationResult, cause: ArtifactsLost) -> None:
+        super().__init__(str(cause))
+        self.result = result
+        self.cause = cause
 
 
 class StepFailed(Exception):
@@ -108,7 +124,10 @@ class ScenarioRunner:
                  only: Sequence[int] | None = None, name_suffix: str = "",
                  console: Any = None, audio: bool | None = None,
                  overrides: Overrides | None = None, attempts: int = 1,
-                 every_attempt: bool = False) -> None:
+                 every_attempt: bool = False, record: str | None = None,
+                 shard: dict[str, Any] | None = None, jobs: int = 1) -> None:
+        # --shard K/N (lab.shard): which part of the sweep this run is, for merge
+        self.shard = shard
         # what the CLI changed (already applied to ``scenario``): recorded for replay
         self.overrides = overrides or Overrides()
         self.guest = self._guest_boot(scenario, image, accel)
@@ -136,11 +155,30 @@ class ScenarioRunner:
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.machine_count = 0
         self._bounds: dict[int | str, int] = {}
+        # --record / `record:` (lab.record_run): a fresh recorded VM per iteration
+        mode = record or scenario.record
+        self.recorder: Recorder | None = Recorder(mode, self.run) if mode else None
+        #: reports execute() could not write (a full disk): the CLI names them
+        self.unwritten: list[str] = []
+        # reset: snapshot (lab.snapshot): the point every iteration after the first
+        # starts from, kept in a private directory of its own
+        self.restore_point: snapshot.RestorePoint | None = None
+        self._snapshot_dir: Path | None = None
+        self._snapshot_vm: str | None = None
+        if scenario.reset == "snapshot":
+            self._check_snapshot_reset()
+        # --jobs N (lab.parallel): VMs at once; each worker names its VMs jobJ-vmK
+        self.jobs = jobs
+        self.vm_prefix = "vm"
+        if jobs > 1 and self.recorder is not None:
+            raise LabError("--jobs and --record do not go together yet: each recorded "
+                           "iteration boots its own VM already; run --jobs 1")
 
     # ---- the run -----------------------------------------------------------------------
     def execute(self) -> Any:
         """Run the iterations; always write the reports. Returns the Summary."""
-        from lab.report import RunInfo, write_junit, write_report, write_summary
+        from lab.report import RunInfo, write_junit, write_report
+        from lab.report.summary import build_summary, save_summary
 
         run = self.run
         (run.path / "scenario.yaml").write_text(self.scenario.source_text)
@@ -152,30 +190,32 @@ class ScenarioRunner:
             "every_attempt": self.every_attempt,
             "overrides": self.overrides.to_json(),
             "image": self.guest.describe_image(), "guest": self.guest.describe(),
-            "topology": self.topology.to_json(), "started_at": self.started_at})
+            "topology": self.topology.to_json(), "started_at": self.started_at,
+            "record": self.recorder.mode if self.recorder else None,
+            "shard": self.shard})
         run_status: Status | None = None
         stopped_at: str | None = None
         error: str | None = None
         done: set[int] = set()
         try:
-            for k, attempt in self._schedule():
-                it = self.sweep.iteration(k)
-                if self.console is not None:
-                    self.console.start(k, it.parameters, attempt)
-                result = self._iteration(it, attempt)
+            if self.jobs > 1:
+                from lab.parallel import run_parallel
+                stopped_at = run_parallel(self, self._schedule(), self.jobs, done)
+            for k, attempt in (self._schedule() if self.jobs == 1 else ()):
+                result = self._run_item(k, attempt)
                 done.add(k)
                 self.results.append(result)
-                if self.console is not None:
-                    self.console.finish(result)
-                why = self.sweep.should_stop(self.results)
-                if (why is None and attempt is not None and not self.every_attempt
-                        and result.status == Status.FAILED):
-                    why = f"reproduced at attempt {attempt} of {self.attempts}"
+                why = self._stop_reason(result, attempt)
                 if why:
                     stopped_at = why
                     if self.console is not None and attempt is not None:
                         self.console.note(f"#{k}: {why}")
                     break
+        except _Lost as lost:
+            self.results.append(lost.result)
+            done.add(lost.result.index)
+            run_status, error = Status.ERROR, str(lost.cause)
+            stopped_at = f"lab error: {lost.cause}"
         except (KeyboardInterrupt, Interrupted) as exc:
             run_status, stopped_at = Status.INTERRUPTED, f"interrupted: {exc or 'Ctrl-C'}"
         except LabError as exc:
@@ -183,11 +223,18 @@ class ScenarioRunner:
             stopped_at = f"lab error: {exc}"
         finally:
             self._stop_machine()
+            self._drop_snapshot()
             rest = [k for k in self.indices if k not in done]
             for k in rest:
                 self.results.extend(r for r in self.sweep.skipped(k, stopped_at or "not run")
                                     if r.index == k)
             self.results.sort(key=lambda r: r.index)
+            if run.write_failures and run_status is None:
+                # events the rules may have needed were not kept: no verdict stands on them
+                run_status = Status.ERROR
+                error = (f"{run.write_failures} line(s) of lab.log/events.jsonl could not be "
+                         "written (disk full?)")
+                stopped_at = stopped_at or f"lab error: {error}"
             acc = self._accel_name()
             known = list(self._bounds.values())
             info = RunInfo(
@@ -201,13 +248,27 @@ class ScenarioRunner:
                 guest_image_sha256=self._guest_image_hash(),
                 alignment_bound_ns=max(known) if known else None,
                 parameters=self.scenario.to_json().get("parameters", {}),
-                scenario_file=self.scenario.file)
-            summary = write_summary(run.path, info, self.results)
-            write_junit(run.path, summary)
-            try:
-                write_report(run.path, summary)
-            except Exception as exc:  # a report problem must not hide the run's result
-                run.log(f"report.html could not be written: {exc!r}")
+                scenario_file=self.scenario.file, shard=self.shard)
+            summary = build_summary(info, self.results)
+            self.unwritten = []
+            writers: tuple[tuple[str, Callable[[], object]], ...] = (
+                ("summary.json", lambda: save_summary(run.path, summary)),
+                ("junit.xml", lambda: write_junit(run.path, summary)),
+                ("report.html", lambda: write_report(run.path, summary)))
+            for name, write in writers:
+                try:
+                    write()
+                except OSError as exc:
+                    # the terminal still gets the results (the CLI prints them and names
+                    # what is missing); the run log says why
+                    self.unwritten.append(name)
+                    run.log(f"{name} could not be written: {exc.strerror or exc!r}")
+                except Exception as exc:  # a report problem must not hide the run's result
+                    if name != "report.html":
+                        raise
+                    run.log(f"report.html could not be written: {exc!r}")
+            if run.write_failures:
+                self.unwritten.append(f"{run.write_failures} line(s) of lab.log/events.jsonl")
             run.close()
         return summary
 
@@ -226,8 +287,11 @@ class ScenarioRunner:
         from lab.guest import WindowsGuest
 
         assert scenario.guest.image is not None    # the GuestSpec validator ensures it
+        from lab.tracers.windows.config import from_spec
+        trace = scenario.guest.trace
         guest = WindowsGuest(scenario.guest.image, scenario.guest.agent_kind,
-                             probe_image=image)
+                             probe_image=image,
+                             trace_config=from_spec(trace, device=trace.device if trace else None))
         if guest.agent_kind == "winrm":
             sweep = scenario.sweep()
             # step types do not vary with parameter values: iteration 0 shows them all
@@ -275,14 +339,97 @@ class ScenarioRunner:
         if m is not None and m.process is not None and m.process.alive():
             return m
         self._stop_machine()
+        point = self.restore_point
+        if point is not None:
+            # the same artifacts directory as the VM that took the point: its logs go on
+            m = Machine(self.topology, self.run, guest=self.guest, accel=self.accel,
+                        subdir=self._snapshot_vm, audio_capture=self.audio, restore=point)
+            self.machine = m
+            m.start()
+            self.run.log(f"VM restored from the snapshot in {m.timings.get('restore_s', 0):.2f} s "
+                         f"(agent {m.timings.get('launch_to_agent_s', 0):.2f} s after launch)")
+            return m
         self.machine_count += 1
-        m = Machine(self.topology, self.run, guest=self.guest, accel=self.accel,
-                    subdir=f"vm{self.machine_count}", audio_capture=self.audio)
+        vm = f"{self.vm_prefix}{self.machine_count}"
+        m = Machine(self.topology, self.run, guest=self.guest, accel=self.accel,  # type: ignore[arg-type]
+                    subdir=vm, audio_capture=self.audio,
+                    record=self.recorder.spec(self.run.path / vm) if self.recorder else None)
         self.machine = m
         m.start()
         self._accel = m.accel
         self.run.log(f"VM {self.machine_count} ready ({m.accel.name if m.accel else '?'})")
         return m
+
+    def _run_item(self, k: int, attempt: int | None,
+                  lock: threading.Lock | None = None) -> IterationResult:
+        """One scheduled iteration on this runner's VM, with the console told. A full
+        disk ends the run: ``_Lost`` carries the iteration's error result."""
+        it = self.sweep.iteration(k)
+        if self.console is not None:
+            with lock or contextlib.nullcontext():
+                self.console.start(k, it.parameters, attempt)
+        try:
+            result = self._iteration(it, attempt)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            key = result_key(k, attempt)
+            lost = ArtifactsLost(f"iteration {key}'s artifacts", str(self.run.path), exc)
+            raise _Lost(IterationResult(
+                index=k, parameters=it.parameters, seed=it.seed, status=Status.ERROR,
+                error=str(lost), stopped_at="writing the iteration's artifacts",
+                attempt=attempt, artifacts={"dir": f"iterations/{key}"}), lost) from exc
+        if self.console is not None:
+            with lock or contextlib.nullcontext():
+                self.console.finish(result)
+        return result
+
+    def _stop_reason(self, result: IterationResult, attempt: int | None) -> str | None:
+        """Why the run stops after this result (``until``, a replay that reproduced)."""
+        why = self.sweep.should_stop(self.results)
+        if (why is None and attempt is not None and not self.every_attempt
+                and result.status == Status.FAILED):
+            why = f"reproduced at attempt {attempt} of {self.attempts}"
+        return why
+
+    def _drop_snapshot(self) -> None:
+        if self._snapshot_dir is not None:
+            shutil.rmtree(self._snapshot_dir, ignore_errors=True)
+            self._snapshot_dir = None
+
+    def _check_snapshot_reset(self) -> None:
+        """``reset: snapshot`` is refused, with the reason, where it is not verified."""
+        if self.guest.os != "linux":
+            raise LabError("reset: snapshot is verified on the built-in Linux guest only "
+                           "(a Windows guest's agent and ETW session across a restore are "
+                           "not); use reset: reboot or replug")
+        if self.recorder is not None:
+            raise LabError("reset: snapshot and --record do not go together: a recording "
+                           "starts at boot, a restored VM did not boot")
+
+    def _take_restore_point(self, m: Machine) -> None:
+        """Once, on the first VM, when its first iteration's tracing is up: the state
+        every iteration starts from. Only the topology's cold devices are present then,
+        so a restored VM has the topology's command line; the kprobes are defined and
+        the trace relay runs, so a restored iteration does not pay ~2 s to set them up
+        again (the tracer's cache travels with the point)."""
+        if self._snapshot_dir is None:
+            self._snapshot_dir = Path(tempfile.mkdtemp(prefix="rebalab-snapshot-"))
+            os.chmod(self._snapshot_dir, 0o700)
+            # ~100 MB: a lab killed with -9 leaves it, and the next machine that starts
+            # reclaims it (lab.machine.reclaim_stale_private_dirs reads this)
+            from lab.machine import OWNER_FILE
+            (self._snapshot_dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
+        self.restore_point = snapshot.save(m, self._snapshot_dir / "restore-point.vmstate")
+        self._snapshot_vm = m.artifacts.name if m.artifacts != self.run.path else None
+
+    def _discard_machine(self) -> None:
+        """Stop a VM whose state nobody needs (snapshot reset): no guest clean-up."""
+        if self.machine is not None:
+            try:
+                self.machine.stop(discard=True)
+            finally:
+                self.machine = None
 
     def _stop_machine(self) -> None:
         if self.machine is not None:
@@ -291,11 +438,27 @@ class ScenarioRunner:
             finally:
                 self.machine = None
 
-    def _reset(self, m: Machine) -> None:
-        """Between iterations: ``replug`` unplugs what the iteration left plugged."""
+    def _reset(self, m: Machine, *, failed: bool = False) -> None:
+        """Between iterations: ``replug`` unplugs what the iteration left plugged.
+
+        ``reset: none`` leaves the VM as the iteration left it, except after a failed
+        iteration: a step that failed halfway (a probe that returned -19) leaves its
+        device plugged, and the next iteration's plug of the same id would be a lab
+        error charged to an innocent iteration (seen in the soak)."""
         initial = {d.id for d in self.topology.devices if d.placement == Placement.COLD}
+        if self.scenario.reset == "none" and failed and m.present - initial:
+            left = sorted(m.present - initial)
+            self.run.log(f"the failed iteration left {', '.join(left)} plugged; unplugging "
+                         "so the next one starts as the others do")
+            for dev_id in left:
+                ops.unplug(m, dev_id)
+            return
         if self.scenario.reset == "reboot":
             self._stop_machine()
+            return
+        if self.scenario.reset == "snapshot":
+            # the next iteration starts from the restore point in a fresh QEMU
+            self._discard_machine()
             return
         if self.scenario.reset == "replug":
             for dev_id in sorted(m.present - initial):
@@ -325,8 +488,20 @@ class ScenarioRunner:
         tl: Timeline | None = None
         artifacts: dict[str, str] = {"dir": f"iterations/{key}"}
         try:
+            # where a failure before the first step happened: the summary says it
+            stopped_at = "starting the guest (or checking it is still up)"
+            if self.recorder is not None:
+                # one recording per QEMU run, from its first instruction: a fresh VM
+                self._stop_machine()
+                self.recorder.begin(self.guest)
             m = self._ensure_machine()
+            self._forget_history(m)
+            stopped_at = "starting the iteration's tracing (the guest's agent)"
             obs = Observation(m).start()
+            if self.scenario.reset == "snapshot" and self.restore_point is None:
+                stopped_at = "saving the restore point"
+                self._take_restore_point(m)
+            stopped_at = None
             st = IterationState(it, obs, it_dir, time.time_ns())
             random.seed(it.seed)
             for step in it.steps:
@@ -343,11 +518,17 @@ class ScenarioRunner:
             status, error = Status.ERROR, self._cause(exc)
         finally:
             if st is not None:
-                self._end_jobs(st)
+                self._end_jobs(st, patient=status in (Status.PASSED, Status.FAILED))
                 try:
                     tl = st.obs.finish(it_dir / "timeline.jsonl")
                 except Exception as exc:
+                    if is_disk_full(exc):
+                        raise            # the run stops: see execute()
                     self.run.log(f"iteration {key}: timeline failed: {exc!r}")
+                    if status == Status.PASSED:
+                        # no timeline, no rules: "passed" would be a verdict nobody checked
+                        status = Status.ERROR
+                        error = f"the iteration's timeline could not be built: {exc}"
         violations = list(st.violations) if st else []
         if tl is not None:
             artifacts["timeline"] = f"iterations/{key}/timeline.jsonl"
@@ -369,9 +550,11 @@ class ScenarioRunner:
                     violations += found
                     status = Status.FAILED
         self._keep_logs(it_dir)
+        recorded = self.machine      # under --record, its log is kept or dropped below
         # a guest that oopsed, or a dead QEMU, is not reused for the next iteration
-        m = self.machine
-        if m is not None:
+        after: Machine | None = self.machine
+        if after is not None:
+            m = after
             broken = (m.process is None or not m.process.alive()
                       or any(v.rule.startswith("kernel") or v.rule == "bugcheck"
                              for v in violations))
@@ -379,24 +562,37 @@ class ScenarioRunner:
                 self.run.log(f"iteration {key}: restarting the guest "
                              f"({'broken' if broken else 'after a lab error'})")
                 self._stop_machine()
-            elif status != Status.INTERRUPTED:
+            elif status != Status.INTERRUPTED and self.recorder is None:
                 try:
-                    self._reset(m)
+                    self._reset(m, failed=status == Status.FAILED)
                 except LabError as exc:
                     self.run.log(f"reset failed ({exc}); restarting the guest")
                     self._stop_machine()
+        measurements = self._audio_measurements(st, it_dir, artifacts)
+        if self.recorder is not None:
+            # the log is complete only once QEMU exited: stop the VM, then keep or drop
+            self._stop_machine()
+            if recorded is not None:
+                recorded.stop()      # already stopped when the guest broke: a no-op
+            measurements |= self.recorder.finish(recorded, str(key), status, it_dir)
+            if str(key) in self.recorder.kept:
+                artifacts["recording"] = f"iterations/{key}/record"
         return IterationResult(index=it.index, parameters=it.parameters, seed=it.seed,
                                status=status, violations=tuple(violations),
                                timings=tuple(st.timings) if st else (), artifacts=artifacts,
                                error=error, stopped_at=stopped_at if status != Status.PASSED
-                               else None, attempt=attempt,
-                               measurements=self._audio_measurements(st, it_dir, artifacts))
+                               else None, attempt=attempt, measurements=measurements)
 
     def _cause(self, exc: LabError) -> str:
         """The error as the user should read it: when QEMU is gone, that is the cause
         (an SSH drop or a broken pipe is only how the lab noticed)."""
         m = self.machine
         proc = m.process if m is not None else None
+        if str(exc).startswith("QEMU "):
+            return str(exc)                  # already says it (_qemu_answered)
+        if proc is not None and proc.alive() and proc.suspended():
+            return ("QEMU is stopped (SIGSTOP or a debugger: process state T) during this "
+                    f"step; the lab saw: {exc}")
         if proc is not None and not proc.alive():
             rc = proc.returncode()
             return (f"QEMU exited (status {rc}) during this step; the lab saw: {exc}"
@@ -470,7 +666,21 @@ class ScenarioRunner:
                 except OSError:
                     pass
 
-    def _end_jobs(self, st: IterationState) -> None:
+    def _forget_history(self, m: Machine) -> None:
+        """Earlier iterations' host events, console lines and QMP events leave memory
+        (their files keep them): a soak of 500 iterations on one VM grew the lab by
+        ~40 KB an iteration when they did not."""
+        self.run.forget_events_before(time.time_ns())
+        if m.console is not None:
+            m.console.forget_before(m.console.cursor())
+        if m.qmp is not None:
+            m.qmp.forget_before(m.qmp.cursor())
+
+    def _end_jobs(self, st: IterationState, *, patient: bool = True) -> None:
+        """End the iteration's background work. ``patient`` (the iteration ran to its
+        end): the plug watchers get their deadline to report. Otherwise (interrupted,
+        a lab error) the machine is about to be stopped, which ends them; waiting for
+        them would hold a Ctrl-C for the watcher's whole deadline (25 s seen)."""
         m = self.machine
         if st.players and m is not None and m.agent is not None:
             # the window of audio the iteration is judged on ends here: the lab's own stop
@@ -487,7 +697,7 @@ class ScenarioRunner:
             except Exception:
                 pass
         for w in st.watchers:
-            w.join(timeout=DEFAULT_WAIT_S + 10)
+            w.join(timeout=DEFAULT_WAIT_S + 10 if patient else 0.2)
 
     # ---- steps ---------------------------------------------------------------------------
     def _run_step(self, m: Machine, st: IterationState, step: Step) -> None:
@@ -498,6 +708,12 @@ class ScenarioRunner:
         detail = ""
         try:
             detail = self._dispatch(m, st, step, since_ns=prev) or ""
+        except StepFailed as exc:
+            ok = False
+            detail = str(exc)[:300]
+            if exc.violation.rule == "wait.timeout":
+                _qemu_answered(m, f"{step.where}: {_label_step(step)}")
+            raise
         except BaseException as exc:
             ok = False
             detail = str(exc)[:300]
@@ -520,7 +736,7 @@ class ScenarioRunner:
                 placement = "sibling"
             return rb.pressure(m, step.device, size=None if step.size == "auto" else int(step.size),
                                placement=placement, model=step.model,
-                               pressure_id=step.id or "press0").summary()
+                               pressure_id=step.pressure_id, port=step.port).summary()
         if isinstance(step, RebalanceCpuHotplug):
             out = []
             for _ in range(step.count):
@@ -532,6 +748,9 @@ class ScenarioRunner:
         if isinstance(step, RebalanceResize):
             rb.resize(m, step.device)
             return None
+        if isinstance(step, RebalanceWdtf):
+            return rb.wdtf(m, step.device, action=step.action, target=step.target,
+                           instance=step.instance).summary()
         if isinstance(step, Guest):
             return self._guest(m, st, step)
         if isinstance(step, Module):
@@ -736,6 +955,9 @@ class ScenarioRunner:
         return DeviceId(qom=dev, bdf=bdf)
 
     def _wait_event(self, m: Machine, st: IterationState, step: WaitEvent, since_ns: int) -> str:
+        """Until the event is on the live timeline. A QEMU that exits meanwhile ends the
+        wait at once (a panic with panic=-1 and -no-reboot does that): waiting out the
+        deadline for an event a dead guest cannot send only delays the verdict."""
         kind = Kind(step.event)
         timeout = step.timeout.seconds if step.timeout else DEFAULT_WAIT_S
         end = time.monotonic() + timeout
@@ -757,6 +979,8 @@ class ScenarioRunner:
                                                        (ev.device.bdf in bdfs))):
                     continue
                 return f"{kind.value} after {(ev.t_host_ns - since_ns) / 1e6:.1f} ms"
+            if m.process is not None and not m.process.alive():
+                _qemu_answered(m, f"{step.where}: waiting for {kind.value}")
             if time.monotonic() > end:
                 errs = "; ".join(st.watcher_errors[-2:])
                 raise StepFailed(self._violation(
@@ -775,10 +999,7 @@ class ScenarioRunner:
     def _wait_qmp(self, m: Machine, step: WaitQmp, since_ns: int) -> str:
         assert m.qmp is not None
         timeout = step.timeout.seconds if step.timeout else DEFAULT_WAIT_S
-        cursor = 0
-        for i, ev in enumerate(m.qmp.events()):
-            if ev.get("t_host_ns", 0) < since_ns:
-                cursor = i + 1
+        cursor = m.qmp.cursor_at(since_ns)
         ev = m.qmp.wait_event(step.qmp, after=cursor, timeout=timeout,
                               match=(lambda e: (e.get("data") or {}).get("device") == step.device)
                               if step.device else None)
@@ -944,3 +1165,17 @@ def load_scenario(path: Path) -> Scenario:
 
 def copy_tree_note(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def _qemu_answered(m: Machine, what: str) -> None:
+    """A wait that ran out is the guest's fault only if QEMU could answer all along:
+    dead or frozen (SIGSTOP, a debugger), the lab names that instead of a violation."""
+    proc = m.process
+    if proc is None:
+        return
+    if not proc.alive():
+        rc = proc.returncode()
+        raise QemuError(f"QEMU exited (status {rc}) during {what}")
+    if proc.suspended():
+        raise QemuError(f"QEMU is stopped (SIGSTOP or a debugger: process state T) during "
+                        f"{what}; nothing in the guest could happen")

@@ -19,7 +19,7 @@ from lab.scenario.params import ChoiceParam, GridParam, Param, RandomParam
 from lab.scenario.steps import (AssertAudio, AssertBase, AssertCount, AssertNoKind, AssertRule,
                                 AudioCheck, Branch, CountCheck, Guest, Jitter, Module, Parallel, Pause,
                                 Play, Plug, RebalanceBase, RebalanceCpuHotplug, RebalancePressure,
-                                RebalanceReconfigure, RebalanceRescan, RebalanceResize, Resume,
+                                RebalanceReconfigure, RebalanceRescan, RebalanceResize, RebalanceWdtf, Resume,
                                 Sleep, Step, StepBase, Unplug, WaitBase, WaitEvent, WaitGuest,
                                 WaitJob, WaitPcm, WaitQmp, walk)
 from lab.scenario.sweep import Iteration, Sweep, derive_seed
@@ -30,7 +30,7 @@ __all__ = [
     "Branch", "ChoiceParam", "CountCheck", "Duration", "GridParam", "Guest", "GuestSpec",
     "Iteration", "Jitter", "Module", "Parallel", "Param", "Pause", "Play", "Plug", "RandomParam",
     "RebalanceBase", "RebalanceCpuHotplug", "RebalancePressure", "RebalanceReconfigure",
-    "RebalanceRescan", "RebalanceResize", "Resume", "Scenario", "ScenarioFile", "Sleep", "Step",
+    "RebalanceRescan", "RebalanceResize", "RebalanceWdtf", "Resume", "Scenario", "ScenarioFile", "Sleep", "Step",
     "StepBase", "Sweep", "TopologyLike", "TopologyRef", "TopologyResolver", "Unplug", "Until",
     "WaitBase", "WaitEvent", "WaitGuest", "WaitJob", "WaitPcm", "WaitQmp", "derive_seed",
     "representative_combinations", "validate_file", "validate_text", "walk",

@@ -19,18 +19,20 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Union
 
 from lab.scenario.sweep import MAX_ITERATIONS
+from lab.record import check_recordable, parse_record
 from lab.scenario.model import (ScenarioFile, Scenario, TopologyLike, TopologyRef,
-                                TopologyResolver, parse_limits)
+                                TopologyResolver, TraceSpec, parse_limits)
 from lab.scenario.params import (GridParam, Param, Scalar, check_refs, find_refs, format_value,
                                  parse_parameters, substitute)
 from lab.scenario.steps import (AssertCount, AssertNoKind, AssertRule, Guest, Module,
                                 ParseContext, Parallel, Play, Plug, RebalanceBase,
-                                RebalanceCpuHotplug, RebalancePressure, RebalanceRescan, Step,
+                                RebalanceCpuHotplug, RebalancePressure, RebalanceRescan,
+                                RebalanceResize, RebalanceWdtf, Step,
                                 Unplug, WaitEvent, WaitJob, WaitPcm, WaitQmp, check_known_rule,
                                 parse_step, walk)
 from vdevice.errors import SpecError
@@ -130,6 +132,8 @@ def validate_text(text: str, filename: str, resolve_topology: TopologyResolver, 
         where = located.at(("guest",)) if "guest" in located.data else located
         image = inside_scenario_dir(base, guest.image, "the guest image", where)
         guest = guest.model_copy(update={"image": str(image)})
+    if guest.trace is not None:
+        guest = guest.model_copy(update={"trace": _trace_files(located, guest.trace, base)})
 
     topo_ref, topo = _resolve_topology(located, head.topology, base, resolve_topology)
     _check_steps(located, params, topo, rules)
@@ -139,8 +143,13 @@ def validate_text(text: str, filename: str, resolve_topology: TopologyResolver, 
                     hotplug_mode=head.hotplug_mode, parameters=params, seed=head.seed,
                     repeat=head.repeat, until=head.until, reset=head.reset, limits=limits,
                     rules=head.rules, located=located, known_rules=rules,
-                    source_text=text, base_dir=base)
+                    source_text=text, base_dir=base,
+                    record=parse_record(head.record))
     check_guest_steps(scenario)
+    scenario = check_trace_device(scenario)
+    if scenario.record:
+        # before any VM: a step QEMU's replay log cannot hold is refused at its line
+        check_recordable(scenario, flag=f"record: {'all' if scenario.record == 'all' else 'true'}")
     return scenario
 
 
@@ -148,26 +157,107 @@ def validate_text(text: str, filename: str, resolve_topology: TopologyResolver, 
 LINUX_ONLY: dict[type, str] = {
     Module: "module loads a Linux kernel module; a Windows guest gets its driver installed "
             "into the image (rebalab image windows --driver PATH)",
-    RebalanceRescan: "the rescan trigger is Linux sysfs (remove + rescan); Windows rebalances "
-                     "on its own: use the pressure or cpu-hotplug trigger",
+    RebalanceRescan: "the rescan trigger is Linux sysfs (remove + rescan); to make Windows "
+                     "stop and restart the device (with new resources) use "
+                     "rebalance: {trigger: wdtf, device: ..., action: rebalance}",
+    RebalanceResize: "the resize trigger reads the device's capabilities from Linux sysfs",
 }
+# and the other way round
+WINDOWS_ONLY: dict[type, str] = {
+    RebalanceWdtf: "the wdtf trigger drives WDTF, Windows' driver test framework; on Linux "
+                   "use the rescan trigger",
+}
+#: why cpu-hotplug is refused on Windows 10/11: learn.microsoft.com/windows-hardware/
+#: drivers/install/devpkey-device-dhp-rebalance-policy ("On a dynamically partitionable
+#: server that is running Windows Server 2008 or later versions of Windows Server, the
+#: operating system initiates a system-wide resource rebalance whenever a new processor
+#: is dynamically added")
+CPU_HOTPLUG_CLIENT = ("Windows rebalances resources after a processor hot-add only on a "
+                      "dynamically partitionable server running Windows Server "
+                      "(DEVPKEY_Device_DHP_Rebalance_Policy); {what} is not one, so this "
+                      "trigger would exercise nothing: use rebalance: {{trigger: wdtf, "
+                      "action: rebalance}}")
 
 
 def check_guest_steps(scenario: Scenario) -> None:
     """Refuse steps the scenario's guest cannot do, naming the step's line (SpecError).
 
     Called on every validated scenario, and again when ``--guest`` changes the guest.
+    ``cpu-hotplug`` on Windows needs a Windows Server image (its manifest's edition).
     """
-    if scenario.guest.os == "linux":
-        return
     sweep = scenario.sweep()
     if not len(sweep):
         return
+    refused = LINUX_ONLY if scenario.guest.os != "linux" else WINDOWS_ONLY
     for step in walk(sweep.iteration(0).steps):
-        why = next((w for cls, w in LINUX_ONLY.items() if isinstance(step, cls)), None)
+        why = next((w for cls, w in refused.items() if isinstance(step, cls)), None)
+        if why is None and scenario.guest.os == "windows" and isinstance(step, RebalanceCpuHotplug):
+            why = _cpu_hotplug_on_windows(scenario.guest.image)
         if why is not None:
             raise SpecError(f"not for a {scenario.guest.os} guest: {why}", file=scenario.file,
                             line=step.line, field=step.path)
+
+
+def _cpu_hotplug_on_windows(image: str | None) -> str | None:
+    """None when the image is a Windows Server edition (by its manifest), else the reason."""
+    from lab.windows.image import image_edition
+
+    edition = image_edition(Path(image)) if image else None
+    if edition is not None and edition.is_server:
+        return None
+    what = (f"{edition.key} ({edition.image_name})" if edition is not None else
+            "an image whose edition is unknown (no manifest from `rebalab image windows` next "
+            "to it)")
+    return CPU_HOTPLUG_CLIENT.format(what=what)
+
+
+def _trace_files(located: Located, trace: TraceSpec, base: Path) -> TraceSpec:
+    """``guest.trace.tmf``/``pdb`` resolved inside the scenario's folder and present."""
+    update: dict[str, str] = {}
+    for key in ("tmf", "pdb"):
+        raw = getattr(trace, key)
+        if raw is None:
+            continue
+        where = located.at(("guest", "trace", key))
+        path = inside_scenario_dir(base, raw, f"the driver's {key.upper()}", where)
+        if not path.is_file():
+            raise where.error(f"{key} file {raw!r} not found (looked for {path})")
+        update[key] = str(path)
+    return trace.model_copy(update=update) if update else trace
+
+
+def check_trace_device(scenario: Scenario) -> Scenario:
+    """``guest.trace.device`` names a device of the scenario; without it, the only audio
+    device is taken (and written into the spec, so the run attributes to it)."""
+    trace = scenario.guest.trace
+    if trace is None:
+        return scenario
+    from lab.tracers.windows.config import default_device
+    from vdevice.catalog import MODELS, Role
+
+    known: list[str] = list(scenario.topology.device_ids())
+    audio: list[str] = [d.id for d in getattr(scenario.topology, "devices", ())
+                        if getattr(MODELS.get(d.model), "role", None) == Role.AUDIO]
+    sweep = scenario.sweep()
+    for step in walk(sweep.iteration(0).steps) if len(sweep) else ():
+        if isinstance(step, Plug):
+            known.append(step.device)
+            if step.model and getattr(MODELS.get(step.model), "role", None) == Role.AUDIO:
+                audio.append(step.device)
+    path: YamlPath = ("guest", "trace", "device") if trace.device else ("guest", "trace")
+    where = scenario.located
+    if trace.device is not None and trace.device not in known:
+        raise where.error(unknown("device", trace.device, sorted(set(known))), path)
+    device = default_device(trace, audio)
+    if device is None:
+        raise where.error("trace: name the device whose driver writes this trace (guest.trace."
+                          "device: ID in the scenario); "
+                          f"the scenario has {len(set(audio)) or 'no'} audio devices"
+                          + (f" ({', '.join(sorted(set(audio)))})" if audio else ""), path)
+    if device == trace.device:
+        return scenario
+    guest = scenario.guest.model_copy(update={"trace": trace.model_copy(update={"device": device})})
+    return replace(scenario, guest=guest)
 
 
 def _looks_like_path(ref: str) -> bool:

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Union
 
-from pydantic import field_validator, model_validator
+from pydantic import ValidationError, field_validator, model_validator
 
 from lab.scenario.params import Param, Scalar, substitute
 from lab.scenario.steps import ParseContext, Spec, Step, parse_steps
-from lab.scenario.units import Duration, Int, Name, RuleName, Str
+from lab.scenario.units import Duration, Id, Int, Name, RuleName, Str
 from vdevice.errors import SpecError
 from vdevice.yamlsrc import Located, YamlPath, suggest, unknown
 
@@ -45,17 +45,177 @@ TopologyRef = Union[str, Path, dict[str, Any]]
 TopologyResolver = Callable[[TopologyRef, Located], TopologyLike]
 
 
+_FLAGS_MAX = (1 << 64) - 1
+#: event kinds a driver-message pattern may produce: the PnP inputs the Windows rules read
+TRACE_PATTERN_KINDS = ("query-stop", "stop", "cancel-stop", "start", "surprise-removal",
+                       "remove", "query-remove", "cancel-remove", "driver-io")
+
+
+class TraceProviderSpec(Spec):
+    """One of the driver's trace providers: ``{guid, flags, level, name, kind}``.
+
+    ``kind: wpp`` (default) needs the driver's TMF or PDB to be formatted;
+    ``tracelogging`` events describe themselves. ``flags`` is the WPP enable-flag /
+    TraceLogging keyword mask (a number, or hex text like ``"0xFF"``), ``level`` 0..255
+    (5 = verbose).
+    """
+
+    guid: Str
+    flags: Int | Str = 0xFFFFFFFF
+    level: Int = 5
+    name: Str = ""
+    kind: Literal["wpp", "tracelogging"] = "wpp"
+
+    @field_validator("guid")
+    @classmethod
+    def _guid(cls, v: str) -> str:
+        from lab.errors import ConfigError
+        from lab.tracers.windows.common import validate_guid
+        try:
+            return validate_guid(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("flags")
+    @classmethod
+    def _flags(cls, v: int | str) -> int:
+        if isinstance(v, str):
+            try:
+                v = int(v.strip(), 16) if v.strip().lower().startswith("0x") else int(v.strip())
+            except ValueError:
+                raise ValueError(f"flags must be a number or hex like 0xFF, got {v!r}") from None
+        if not 0 <= v <= _FLAGS_MAX:
+            raise ValueError(f"flags must be 0 .. 0xFFFFFFFFFFFFFFFF, got {v}")
+        return v
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, v: int) -> int:
+        if not 0 <= v <= 255:
+            raise ValueError(f"level must be 0 .. 255, got {v}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if len(v) > 64 or any(c in v for c in "\r\n\0"):
+            raise ValueError("name: at most 64 characters on one line")
+        return v
+
+    @property
+    def flags_hex(self) -> str:
+        return f"0x{int(self.flags):X}"
+
+
+class TracePatternSpec(Spec):
+    """A driver message pattern: ``{regex, kind, phase}`` (lab.tracers.windows.wpp)."""
+
+    regex: Str
+    kind: Literal["query-stop", "stop", "cancel-stop", "start", "surprise-removal",
+                  "remove", "query-remove", "cancel-remove", "driver-io"]
+    phase: Literal["begin", "end", "point"] = "point"
+    name: Str = ""
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return v
+
+
+class TraceSpec(Spec):
+    """``guest.trace``: the driver's own WPP/TraceLogging trace (issue 10).
+
+    Kernel-PnP logs no QUERY_STOP, STOP or CANCEL_STOP: only the driver's trace shows
+    them. ``providers`` are enabled for every iteration; ``tmf`` (a TMF file) or ``pdb``
+    (the driver's PDB, turned into TMFs in the guest with tracepdb) are files next to
+    the scenario, copied into the guest; ``tracefmt``/``tracepdb`` are guest paths of
+    the WDK tools. ``device`` names the device whose driver writes the trace (default:
+    the topology's only audio device): its messages are attributed to it. ``patterns``
+    add message patterns ahead of the built-in ones (PortCls ``PnpQueryStop``...,
+    ``IRP_MN_*`` names).
+    """
+
+    providers: tuple[TraceProviderSpec, ...] = ()
+    tmf: Str | None = None
+    pdb: Str | None = None
+    tracefmt: Str | None = None
+    tracepdb: Str | None = None
+    device: Id | None = None
+    patterns: tuple[TracePatternSpec, ...] = ()
+
+    @field_validator("tracefmt", "tracepdb")
+    @classmethod
+    def _guest_path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from lab.errors import ConfigError
+        from lab.tracers.windows.common import validate_guest_path
+        try:
+            return validate_guest_path(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TraceSpec:
+        seen: set[str] = set()
+        for p in self.providers:
+            if p.guid in seen:
+                raise ValueError(f"provider {p.guid} is listed twice")
+            seen.add(p.guid)
+        if self.tmf and self.pdb:
+            raise ValueError("give tmf or pdb, not both")
+        wpp = [p for p in self.providers if p.kind == "wpp"]
+        if wpp and not (self.tmf or self.pdb):
+            raise ValueError(f"WPP provider {wpp[0].guid} needs the driver's tmf or pdb to be "
+                             "formatted (or kind: tracelogging)")
+        if (self.tmf or self.pdb) and not self.tracefmt:
+            raise ValueError("tmf/pdb need tracefmt: the guest path of the WDK's tracefmt.exe")
+        if self.pdb and not self.tracepdb:
+            raise ValueError("pdb needs tracepdb: the guest path of the WDK's tracepdb.exe")
+        return self
+
+    def with_provider(self, text: str) -> TraceSpec:
+        """This spec plus a ``GUID[:FLAGS[:LEVEL]]`` provider (``--trace-provider``): WPP
+        when the spec formats WPP (tmf/pdb), else TraceLogging. ValueError when bad."""
+        parts = text.split(":")
+        if not 1 <= len(parts) <= 3 or not parts[0].strip():
+            raise ValueError(f"{text!r}: expected GUID[:FLAGS[:LEVEL]]")
+        d: dict[str, Any] = {"guid": parts[0].strip(),
+                             "kind": "wpp" if (self.tmf or self.pdb) else "tracelogging"}
+        if len(parts) > 1:
+            d["flags"] = parts[1].strip()
+        if len(parts) > 2:
+            try:
+                d["level"] = int(parts[2].strip(), 0)
+            except ValueError:
+                raise ValueError(f"{text!r}: level must be a number 0..255") from None
+        try:
+            prov = TraceProviderSpec.model_validate(d)
+            return TraceSpec.model_validate(
+                self.model_dump() | {"providers": [p.model_dump() for p in self.providers]
+                                     + [prov.model_dump()]})
+        except ValidationError as exc:
+            raise ValueError("; ".join(str(e["msg"]).removeprefix("Value error, ")
+                                       for e in exc.errors())) from None
+
+
 class GuestSpec(Spec):
     """Which guest runs and how the lab talks to it.
 
     ``guest: linux`` (the lab's built image) or ``guest: "windows:<image>"``, or the
-    long form ``{os: windows, image: ..., agent: winrm}``. ``agent`` defaults to ssh
-    for Linux and winrm for Windows. ``image`` is relative to the scenario file.
+    long form ``{os: windows, image: ..., agent: winrm, trace: {...}}``. ``agent``
+    defaults to ssh for Linux and winrm for Windows. ``image`` (and ``trace.tmf``/
+    ``trace.pdb``) are relative to the scenario file and must stay inside its folder.
     """
 
     os: Literal["linux", "windows"] = "linux"
     image: Str | None = None
     agent: Literal["ssh", "winrm"] | None = None
+    trace: TraceSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -77,7 +237,22 @@ class GuestSpec(Spec):
                              "windows`), not a YAML or JSON file")
         if self.os == "linux" and self.agent == "winrm":
             raise ValueError("a Linux guest is reached over ssh, not winrm")
+        if self.os == "linux" and self.trace is not None:
+            raise ValueError("trace configures a Windows driver's WPP/TraceLogging trace; the "
+                             "Linux guest traces with kprobes")
         return self
+
+    def with_trace_providers(self, texts: Iterable[str]) -> GuestSpec:
+        """This guest plus ``--trace-provider`` values; ValueError naming the bad one."""
+        texts = list(texts)
+        if not texts:
+            return self
+        if self.os != "windows":
+            raise ValueError("--trace-provider needs a Windows guest (--guest windows:IMAGE)")
+        trace = self.trace or TraceSpec()
+        for t in texts:
+            trace = trace.with_provider(t)
+        return self.model_copy(update={"trace": trace})
 
     @property
     def agent_kind(self) -> str:
@@ -118,9 +293,12 @@ class ScenarioFile(Spec):
     seed: Int = 0
     repeat: Int = 1
     until: Until | None = None
-    reset: Literal["none", "replug", "reboot"] = "none"
+    reset: Literal["none", "replug", "reboot", "snapshot"] = "none"
     limits: dict[Str, Any] = {}
     rules: tuple[RuleName, ...] | None = None
+    #: QEMU record/replay of every iteration (lab.record): true keeps the recordings of
+    #: failing iterations, all keeps every one
+    record: bool | Literal["all"] = False
     steps: list[Any]
 
     @field_validator("steps")
@@ -220,6 +398,8 @@ class Scenario:
     #: text into its directory so ``replay`` validates exactly what ran
     source_text: str = field(default="", repr=False, compare=False)
     base_dir: Path | None = field(default=None, repr=False, compare=False)
+    #: ``record:`` (lab.record): None, "failing" (true) or "all"
+    record: str | None = None
 
     @property
     def raw_steps(self) -> list[Any]:
@@ -261,5 +441,6 @@ class Scenario:
             "until": self.until.model_dump() if self.until else None,
             "reset": self.reset, "limits": self.limits,
             "rules": list(self.rules) if self.rules is not None else None,
+            **({"record": self.record} if self.record else {}),
             "steps": self.raw_steps,
         }

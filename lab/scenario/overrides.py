@@ -22,12 +22,12 @@ from typing import Any
 from lab.errors import ConfigError as UsageError
 from pydantic import ValidationError
 
-from lab.scenario.loader import check_guest_steps
+from lab.scenario.loader import check_guest_steps, check_trace_device
 from lab.scenario.model import GuestSpec, Scenario, Until
 from lab.scenario.params import GridParam
 
 MAX_REPEAT = 100_000
-RESETS = ("none", "replug", "reboot")
+RESETS = ("none", "replug", "reboot", "snapshot")
 SEED_MAX = 2**63 - 1
 
 
@@ -40,6 +40,9 @@ class Overrides:
     reset: str | None = None
     guest: str | None = None          # "linux" or "windows:<image>" (relative to the cwd)
     agent: str | None = None
+    #: ``--trace-provider GUID[:FLAGS[:LEVEL]]``: the driver's trace providers, added to
+    #: the (Windows) guest's ``trace`` after --guest/--agent
+    trace_providers: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -48,7 +51,8 @@ class Overrides:
     def to_json(self) -> dict[str, Any]:
         return {"set": list(self.sets), "repeat": self.repeat, "seed": self.seed,
                 "until_failures": self.until_failures, "reset": self.reset,
-                "guest": self.guest, "agent": self.agent}
+                "guest": self.guest, "agent": self.agent,
+                "trace_providers": list(self.trace_providers)}
 
     @classmethod
     def from_json(cls, data: Any) -> Overrides:
@@ -62,7 +66,8 @@ class Overrides:
         return cls(sets=tuple(str(x) for x in data.get("set") or ()),
                    repeat=data.get("repeat"), seed=data.get("seed"),
                    until_failures=data.get("until_failures"), reset=data.get("reset"),
-                   guest=data.get("guest"), agent=data.get("agent"))
+                   guest=data.get("guest"), agent=data.get("agent"),
+                   trace_providers=tuple(str(x) for x in data.get("trace_providers") or ()))
 
     def describe(self) -> str:
         """The overrides as the command line flags that give them."""
@@ -70,7 +75,8 @@ class Overrides:
                  ("--until-fail", self.until_failures), ("--reset", self.reset),
                  ("--guest", self.guest), ("--agent", self.agent))
         return " ".join([*(f"--set {s}" for s in self.sets),
-                         *(f"{flag} {value}" for flag, value in flags if value is not None)])
+                         *(f"{flag} {value}" for flag, value in flags if value is not None),
+                         *(f"--trace-provider {t}" for t in self.trace_providers)])
 
     def apply(self, scenario: Scenario) -> Scenario:
         """The scenario with these overrides; UsageError names the flag that is wrong."""
@@ -117,9 +123,16 @@ class Overrides:
             changes["reset"] = self.reset
         if self.guest is not None or self.agent is not None:
             changes["guest"] = self._guest_spec(scenario)
+        if self.trace_providers:
+            guest = changes.get("guest", scenario.guest)
+            try:
+                changes["guest"] = guest.with_trace_providers(self.trace_providers)
+            except ValueError as exc:
+                raise UsageError(f"--trace-provider: {exc}") from None
         out = replace(scenario, **changes)
         if "guest" in changes:
             check_guest_steps(out)     # SpecError naming the step a new guest cannot do
+            out = check_trace_device(out)
         return out
 
     def _guest_spec(self, scenario: Scenario) -> GuestSpec:
@@ -135,6 +148,8 @@ class Overrides:
             data["agent"] = self.agent
         elif self.guest is not None:
             data.pop("agent", None)
+        if self.guest is not None and data.get("os") == "windows" and scenario.guest.trace is not None:
+            data["trace"] = scenario.guest.trace.model_dump()   # another image, the same driver trace
         try:
             return GuestSpec.model_validate(data)
         except ValidationError as exc:
@@ -148,4 +163,5 @@ def from_args(args: Any) -> Overrides:
     return Overrides(tuple(getattr(args, "set", None) or ()), getattr(args, "repeat", None),
                      getattr(args, "seed", None), getattr(args, "until_fail", None),
                      getattr(args, "reset", None), getattr(args, "guest", None),
-                     getattr(args, "agent", None))
+                     getattr(args, "agent", None),
+                     tuple(getattr(args, "trace_provider", None) or ()))

@@ -64,7 +64,7 @@ def test_pressure_grows_the_window_in_native_mode_only(vm: Machine) -> None:
         assert not window
         assert any("stayed unassigned" in n for n in rep.notes)
     assert not rep.audio_moved
-    ops.unplug(vm, "pressure0")
+    ops.unplug(vm, "snd0-pressure")     # the default id, as the scenario model names it
 
 
 def test_reconfigure_replaces_the_model_with_both_halves_timed(vm: Machine) -> None:
