@@ -24,6 +24,13 @@ from lab.deadline import Deadline, seconds
 from lab.errors import AgentError, ConnectionLost, DeadlineExceeded
 
 
+# paramiko logs a failed handshake (a guest whose sshd is not up yet: "Error reading
+# SSH protocol banner") with its traceback before our per-connection channel exists;
+# with no handler anywhere, Python printed it on the user's terminal. The connect loop
+# keeps the reason itself (wait_ready's "last seen").
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+
 class _ForwardHandler(logging.Handler):
     """paramiko WARNING and worse, and the server's disconnect message, as "ssh: ..."
     lines in the run log (``_KeepDisconnect`` lets only those through)."""
