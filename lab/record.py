@@ -50,7 +50,6 @@ directory) when the iteration failed, or always with ``--record all``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -273,11 +272,9 @@ def replay_argv(recorded: Sequence[str], *, rrfile: Path, old_private: Path,
 # ---- keeping a recording ----------------------------------------------------------------
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a file (the image builder's, one implementation)."""
+    from lab.image import sha256
+    return sha256(path)
 
 
 def boot_inputs(argv: Sequence[str]) -> dict[str, str]:
