@@ -125,12 +125,18 @@ class ScenarioRunner:
                  console: Any = None, audio: bool | None = None,
                  overrides: Overrides | None = None, attempts: int = 1,
                  every_attempt: bool = False, record: str | None = None,
-                 shard: dict[str, Any] | None = None, jobs: int = 1) -> None:
+                 shard: dict[str, Any] | None = None, jobs: int = 1,
+                 guest: GuestBoot | None = None) -> None:
         # --shard K/N (lab.shard): which part of the sweep this run is, for merge
         self.shard = shard
         # what the CLI changed (already applied to ``scenario``): recorded for replay
         self.overrides = overrides or Overrides()
-        self.guest = self._guest_boot(scenario, image, accel)
+        # ``guest``: a prepared boot strategy (tests: lab.windows.simulated); it must be
+        # of the OS the scenario was validated for, whose steps and rules it gets
+        if guest is not None and guest.os != scenario.guest.os:
+            raise LabError(f"the scenario is for a {scenario.guest.os} guest; the guest given "
+                           f"to the runner is {guest.os}")
+        self.guest = guest if guest is not None else self._guest_boot(scenario, image, accel)
         self.scenario = scenario
         self.topology: Topology = scenario.topology
         if scenario.hotplug_mode:
