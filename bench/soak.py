@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.errors import Interrupted
+from lab.report.summary import iteration_duration_s
 from lab.results import IterationResult, Status
 from lab.runner import ScenarioRunner, load_scenario
 from lab.scenario.overrides import Overrides
@@ -72,6 +73,23 @@ def _status_kb(pid: int | str, field: str) -> int | None:
     return None
 
 
+def _qemu_rss_kb() -> int | None:
+    """RSS of this process's QEMU children (one per VM; --jobs N runs N)."""
+    me, total, found = os.getpid(), 0, False
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.find("(") + 1:stat.rfind(")")], stat[stat.rfind(")") + 2:]
+        if comm.startswith("qemu-system") and int(rest.split()[1]) == me:
+            total += _status_kb(d.name, "VmRSS") or 0
+            found = True
+    return total if found else None
+
+
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -95,14 +113,13 @@ class SamplingConsole:
         print(text, file=sys.stderr)
 
     def finish(self, result: IterationResult) -> None:
-        runner = self.runner_ref[0]
-        m = runner.machine
-        pid = m.process.pid if m is not None and m.process is not None else None
+        # the iteration's own step time (with --jobs, starts and finishes interleave)
+        dur = iteration_duration_s(result)
         s = Sample(iteration=result.index, status=result.status.value,
-                   seconds=round(time.monotonic() - self._t0, 3),
+                   seconds=round(dur if dur is not None else time.monotonic() - self._t0, 3),
                    lab_rss_kb=_status_kb("self", "VmRSS") or 0, lab_fds=_fds(),
                    lab_threads=threading.active_count(),
-                   qemu_rss_kb=_status_kb(pid, "VmRSS") if pid else None)
+                   qemu_rss_kb=_qemu_rss_kb())
         self.samples.append(s)
         n = len(self.samples)
         if n % 50 == 0 or n == self.total or result.status != Status.PASSED:
@@ -139,7 +156,7 @@ def figures(samples: list[Sample], run_dir: Path, iterations: int) -> dict[str, 
         "passed": len(ok),
         "failed": sum(s.status == "failed" for s in samples),
         "errors": sum(s.status == "error" for s in samples),
-        "vms": len(list(run_dir.glob("vm*"))),
+        "vms": len(list(run_dir.glob("vm*"))) + len(list(run_dir.glob("job*-vm*"))),
         "lab_rss_start_mb": steady[0].lab_rss_kb / 1024,
         "lab_rss_end_mb": steady[-1].lab_rss_kb / 1024,
         "lab_rss_growth_mb": (steady[-1].lab_rss_kb - steady[0].lab_rss_kb) / 1024,
@@ -194,6 +211,7 @@ def report(f: dict[str, Any], iterations: int, wall: float) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iterations", type=int, default=500)
+    ap.add_argument("--jobs", type=int, default=1, help="VMs at once (lab.parallel)")
     ap.add_argument("--runs", help="keep the run directory here (default: a temporary one)")
     ap.add_argument("--tracemalloc", action="store_true",
                     help="print the allocation sites that grew most after the warm-up")
@@ -210,7 +228,7 @@ def main() -> int:
         ref: list[ScenarioRunner] = []
         console = SamplingConsole(ref, total)
         runner = ScenarioRunner(scenario, runs_root=runs, overrides=overrides,
-                                console=console)   # type: ignore[arg-type]
+                                console=console, jobs=args.jobs)   # type: ignore[arg-type]
         ref.append(runner)
         snap = None
         if args.tracemalloc:
