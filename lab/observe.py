@@ -115,12 +115,20 @@ def _trace_events(path: Path, since_ns: int, offset: int = 0) -> list[Event]:
 
 
 def device_bindings(events: list[Event]) -> list[DeviceBinding]:
-    """qom <-> BDF pairs the lab learnt (plug/unplug events carry both)."""
-    seen: dict[tuple[str, str], int] = {}
+    """The names the lab learnt for its devices: qom <-> BDF (plug/unplug events carry
+    both) and, on Windows, qom <-> the PnP instance id the plug wait reported, and the
+    instance id of the function devnode (an HDA codec's) where the driver binds."""
+    seen: dict[tuple[str, str | None, str | None], int] = {}
     for ev in events:
-        if ev.source == Source.HOST_LAB and ev.device and ev.device.qom and ev.device.bdf:
-            seen.setdefault((ev.device.qom, ev.device.bdf), ev.t_host_ns)
-    return [DeviceBinding(DeviceId(qom=q, bdf=b)) for (q, b) in seen]
+        d = ev.device
+        if ev.source != Source.HOST_LAB or d is None or not d.qom:
+            continue
+        if d.bdf or d.instance:
+            seen.setdefault((d.qom, d.bdf, d.instance), ev.t_host_ns)
+        func = ev.data.get("function_instance")
+        if isinstance(func, str) and func:
+            seen.setdefault((d.qom, None, func), ev.t_host_ns)
+    return [DeviceBinding(DeviceId(qom=q, bdf=b, instance=i)) for (q, b, i) in seen]
 
 
 #: a stream whose capture stood still for less than this at the end of its window is

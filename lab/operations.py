@@ -157,9 +157,11 @@ def _windows_wait(m: Machine, script: GuestScript, timeout: float, what: str) ->
     return r.stdout.strip()
 
 
-def _record(m: Machine, kind: Kind, dev: Device, bdf: str | None, **data: Any) -> int:
+def _record(m: Machine, kind: Kind, dev: Device, bdf: str | None, *,
+            instance: str | None = None, **data: Any) -> int:
     t = time.time_ns()
-    m.run.record(Event(t, Source.HOST_LAB, kind, DeviceId(qom=dev.id, bdf=bdf), data=data))
+    m.run.record(Event(t, Source.HOST_LAB, kind, DeviceId(qom=dev.id, bdf=bdf,
+                                                          instance=instance), data=data))
     return t
 
 
@@ -219,11 +221,19 @@ def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
             _record(m, Kind.BOUND, dev, bdf, driver=expect, evidence=res.details["bound_evidence"],
                     after_ms=res.durations_ms["bound"])
         elif wait_bound and expect and windows:
-            _windows_wait(m, pnp_wait.started(expect, timeout), timeout,
-                          f"{dev.id} ({model.driver}, {expect}) did not start")
+            out = _windows_wait(m, pnp_wait.started(expect, timeout), timeout,
+                                f"{dev.id} ({model.driver}, {expect}) did not start")
             res.durations_ms["bound"] = (time.monotonic() - t0) * 1e3
             res.details["bound_evidence"] = "pnp-started"
-            _record(m, Kind.BOUND, dev, bdf, hardware_id=expect, evidence="pnp-started",
+            # the device's PnP instance id (and its HDA function devnode's): the bound
+            # event carries them, so the timeline binds them to the lab's name and the
+            # rules judge Kernel-PnP events and Get-PnpDevice state keyed by them
+            started = pnp_wait.parse_started(out)
+            res.details["instance_id"] = started.instance_id if started else None
+            _record(m, Kind.BOUND, dev, bdf,
+                    instance=started.instance_id if started else None,
+                    function_instance=started.function_instance_id if started else None,
+                    hardware_id=expect, evidence="pnp-started",
                     after_ms=res.durations_ms["bound"])
         _span(m, "plug", dev, bdf, res.started_ns)
         m.run.log(f"plug {dev.id} ({model.driver}) into {dev.port} at {bdf}: "

@@ -641,6 +641,13 @@ class ScenarioRunner:
                  if e.device and e.device.qom}
         devices += tuple(DeviceId(qom=q) for q in sorted(extra)
                          if not any(d.qom == q for d in devices))
+        # Windows: the PnP instance ids the plug waits reported (device and function
+        # devnode) name the same devices under test
+        for e in tl.select(kinds=Kind.BOUND):
+            if e.source == Source.HOST_LAB and e.device and e.device.qom:
+                for inst in (e.device.instance, e.data.get("function_instance")):
+                    if isinstance(inst, str) and inst:
+                        devices += (DeviceId(qom=e.device.qom, instance=inst),)
         drivers: dict[str, str] = {}
         for e in tl.select(kinds=Kind.HOTPLUG_REQUEST):
             drv = (e.data.get("payload") or {}).get("driver")
