@@ -28,10 +28,9 @@ from tests.e2e.test_scenarios import SCENARIOS, rebalab, run_dir_of
 
 RECORDED = SCENARIOS / "race-planted-recorded.yaml"
 #: exact replays of the one recording. Each replays ~22 s of recorded run at ~2x its
-#: recorded wall time (~46 s here), so the issue's 5 replays make this test ~5 minutes;
-#: CI runs 3 (a divergence shows at the first replay: all are the same computation),
-#: REBALAB_EXACT_REPLAYS=5 runs the issue's count. See the README's "Exact replay".
-REPLAYS = int(os.environ.get("REBALAB_EXACT_REPLAYS", "3"))
+#: recorded wall time, so the issue's 5 replays make this test ~4-5 minutes; CI runs
+#: them all (REBALAB_EXACT_REPLAYS=N for another count). See the README's "Exact replay".
+REPLAYS = int(os.environ.get("REBALAB_EXACT_REPLAYS", "5"))
 #: delays (ms) at which the guest-timed remove lands in the first transfer (0-100 ms
 #: after the stream started): the no-drain oops every time here; the run stops at the
 #: first failure
