@@ -42,12 +42,13 @@ class OperationResult:
 
 # ---- PCI addresses -------------------------------------------------------------------
 
-def _walk(devices: list[dict[str, Any]]) -> Any:
+def walk_pci(devices: list[dict[str, Any]]) -> Any:
+    """Every device of a query-pci bus, behind bridges too."""
     for d in devices:
         yield d
         br = d.get("pci_bridge")
         if br:
-            yield from _walk(br.get("devices", []))
+            yield from walk_pci(br.get("devices", []))
 
 
 def query_pci(m: Machine) -> list[dict[str, Any]]:
@@ -58,7 +59,7 @@ def query_pci(m: Machine) -> list[dict[str, Any]]:
 def port_secondary_bus(m: Machine, port_id: str) -> int:
     """The bus number the guest (or firmware) gave the port's secondary side."""
     for bus in query_pci(m):
-        for d in _walk(bus.get("devices", [])):
+        for d in walk_pci(bus.get("devices", [])):
             if d.get("qdev_id") == port_id and d.get("pci_bridge"):
                 sec = int(d["pci_bridge"]["bus"]["secondary"])
                 if sec == 0:
@@ -76,7 +77,7 @@ def qom_bdfs(m: Machine) -> dict[str, str]:
     """Every PCI device QEMU knows by a QOM id, with the address the guest gave it."""
     out: dict[str, str] = {}
     for bus in query_pci(m):
-        for d in _walk(bus.get("devices", [])):
+        for d in walk_pci(bus.get("devices", [])):
             if d.get("qdev_id"):
                 out[str(d["qdev_id"])] = \
                     f"0000:{int(d['bus']):02x}:{int(d['slot']):02x}.{int(d['function'])}"
@@ -85,7 +86,7 @@ def qom_bdfs(m: Machine) -> dict[str, str]:
 
 def device_bdf_from_qemu(m: Machine, qom_id: str) -> str | None:
     for bus in query_pci(m):
-        for d in _walk(bus.get("devices", [])):
+        for d in walk_pci(bus.get("devices", [])):
             if d.get("qdev_id") == qom_id:
                 return f"0000:{int(d['bus']):02x}:{int(d['slot']):02x}.{int(d['function'])}"
     return None

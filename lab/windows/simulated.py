@@ -53,6 +53,7 @@ from lab.deadline import seconds
 from lab.errors import AgentError
 from lab.guest import BootFiles, GuestArgs, GuestBoot, LinuxGuest, MachineView, ShutdownStep
 from lab.image import GuestImage
+from lab.operations import walk_pci
 from lab.pci_state import FunctionState, PciSnapshot
 from lab.tracers.windows import wpp
 from lab.tracers.windows.common import FILETIME_UNIX_OFFSET
@@ -201,7 +202,7 @@ class SimulatedWindowsAgent(ScriptedAgent):
         f = snap.find(self.device)
         if f is None:
             return None
-        rec: dict[str, Any] = next((d for bus in raw for d in _walk(bus.get("devices", []))
+        rec: dict[str, Any] = next((d for bus in raw for d in walk_pci(bus.get("devices", []))
                     if d.get("qdev_id") == self.device), {})
         return f, rec
 
@@ -400,14 +401,6 @@ class SimulatedWindowsAgent(ScriptedAgent):
             "PresentAfter": case.present_after,
             "StatusAfter": case.status_after if case.present_after else None,
             "ProblemCodeAfter": case.problem_after if case.present_after else None}])
-
-
-def _walk(devices: list[dict[str, Any]]) -> Any:
-    for d in devices:
-        yield d
-        br = d.get("pci_bridge")
-        if br:
-            yield from _walk(br.get("devices", []))
 
 
 @dataclass
