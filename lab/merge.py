@@ -420,7 +420,7 @@ def _write(runs: Sequence[ShardRun], out: Path, work: Path) -> MergeResult:
     """Everything merge writes, into ``work`` (renamed to ``out`` by the caller)."""
     from lab.report import write_junit, write_report
     from lab.report.summary import save_summary
-    from lab.rundir import atomic_write
+    from lab.atomic import atomic_write
 
     work.chmod(0o700)
     notes: list[str] = []

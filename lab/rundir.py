@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from lab.atomic import atomic_write
 from lab.events import Event
 from lab.privacy import STARTUP_NOTES
 
@@ -34,22 +33,6 @@ def events_since(events: list[Event], t_ns: int) -> tuple[list[Event], int]:
     """The events at or after ``t_ns``, and how many were older."""
     keep = [e for e in events if e.t_host_ns >= t_ns]
     return keep, len(events) - len(keep)
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write a whole file or nothing: a reader (or a run on a full disk) never sees half
-    of it, and a failed write leaves no temporary file behind."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}-", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
 
 
 class RunDir:

@@ -592,18 +592,10 @@ class ScenarioRunner:
     def _cause(self, exc: LabError) -> str:
         """The error as the user should read it: when QEMU is gone, that is the cause
         (an SSH drop or a broken pipe is only how the lab noticed)."""
-        m = self.machine
-        proc = m.process if m is not None else None
         if str(exc).startswith("QEMU "):
             return str(exc)                  # already says it (_qemu_answered)
-        if proc is not None and proc.alive() and proc.suspended():
-            return ("QEMU is stopped (SIGSTOP or a debugger: process state T) during this "
-                    f"step; the lab saw: {exc}")
-        if proc is not None and not proc.alive():
-            rc = proc.returncode()
-            return (f"QEMU exited (status {rc}) during this step; the lab saw: {exc}"
-                    if rc is not None else f"QEMU exited during this step; the lab saw: {exc}")
-        return str(exc)
+        state = _qemu_state(self.machine)
+        return f"{state} during this step; the lab saw: {exc}" if state else str(exc)
 
     def _audio_measurements(self, st: IterationState | None, it_dir: Path,
                             artifacts: dict[str, str]) -> dict[str, float]:
@@ -1180,15 +1172,24 @@ def copy_tree_note(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
 
 
+_STOPPED = "QEMU is stopped (SIGSTOP or a debugger: process state T)"
+
+
+def _qemu_state(m: Machine | None) -> str | None:
+    """What is wrong with QEMU itself, if anything: exited, or frozen."""
+    proc = m.process if m is not None else None
+    if proc is None:
+        return None
+    if not proc.alive():
+        rc = proc.returncode()
+        return f"QEMU exited (status {rc})" if rc is not None else "QEMU exited"
+    return _STOPPED if proc.suspended() else None
+
+
 def _qemu_answered(m: Machine, what: str) -> None:
     """A wait that ran out is the guest's fault only if QEMU could answer all along:
     dead or frozen (SIGSTOP, a debugger), the lab names that instead of a violation."""
-    proc = m.process
-    if proc is None:
-        return
-    if not proc.alive():
-        rc = proc.returncode()
-        raise QemuError(f"QEMU exited (status {rc}) during {what}")
-    if proc.suspended():
-        raise QemuError(f"QEMU is stopped (SIGSTOP or a debugger: process state T) during "
-                        f"{what}; nothing in the guest could happen")
+    state = _qemu_state(m)
+    if state is not None:
+        raise QemuError(f"{state} during {what}"
+                        + ("; nothing in the guest could happen" if state == _STOPPED else ""))

@@ -26,15 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lab.deadline import seconds
-from lab.errors import QemuError
+from lab.deadline import poll, seconds
+from lab.errors import DeadlineExceeded, QemuError
 
 if TYPE_CHECKING:
     from lab.machine import Machine
-
-#: how long a save may take before the lab gives up (512 MiB guest under TCG: ~0.6 s)
-SAVE_TIMEOUT_S = 60.0
-
 
 @dataclass(frozen=True)
 class RestorePoint:
@@ -60,47 +56,56 @@ def save(m: Machine, path: Path) -> RestorePoint:
     ``migrate`` pauses the guest at its end; ``cont`` resumes it, so the iteration that
     took the point goes on in the VM it was in.
     """
-    assert m.qmp is not None
+    qmp = m.qmp
+    assert qmp is not None
     t0 = time.monotonic()
     t_ns = time.time_ns()
-    m.qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
-    end = t0 + SAVE_TIMEOUT_S * (seconds("qmp_command") / 10.0)
-    status = "?"
-    while True:
-        info = m.qmp.execute("query-migrate") or {}
-        status = str(info.get("status", "?"))
-        if status == "completed":
-            break
+    qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+    last: dict[str, Any] = {}
+
+    def done() -> bool | None:
+        last.clear()
+        last.update(qmp.execute("query-migrate") or {})
+        status = str(last.get("status", "?"))
         if status in ("failed", "cancelled"):
             raise QemuError(f"saving the restore point failed: migration {status} "
-                            f"({info.get('error-desc', 'no reason given')})")
-        if time.monotonic() > end:
-            m.qmp.execute("migrate_cancel")
-            raise QemuError(f"saving the restore point took over "
-                            f"{end - t0:.0f} s (migration {status}); cancelled")
-        time.sleep(0.02)
+                            f"({last.get('error-desc', 'no reason given')})")
+        return True if status == "completed" else None
+
+    timeout = seconds("snapshot_save")
+    try:
+        poll("the restore point's migration", timeout, done, ceiling=0.02)
+    except DeadlineExceeded:
+        qmp.execute("migrate_cancel")
+        raise QemuError(f"saving the restore point took over {timeout:.0f} s (migration "
+                        f"{last.get('status', '?')}); cancelled") from None
     save_s = time.monotonic() - t0
-    m.qmp.execute("cont")
-    size = path.stat().st_size
-    point = RestorePoint(file=path, size=size, save_s=save_s, taken_at_ns=t_ns,
-                         guest_cache=dict(m.guest_cache))
+    qmp.execute("cont")
+    point = RestorePoint(file=path, size=path.stat().st_size, save_s=save_s,
+                         taken_at_ns=t_ns, guest_cache=dict(m.guest_cache))
     m.run.log(f"restore point saved: {point.describe()}")
     return point
 
 
 def wait_incoming(m: Machine, timeout: float) -> float:
     """Until the incoming migration is in (the VM stays paused: -S); seconds taken."""
-    assert m.qmp is not None
+    qmp = m.qmp
+    assert qmp is not None
     t0 = time.monotonic()
-    while True:
-        status = str((m.qmp.execute("query-status") or {}).get("status", "?"))
+
+    def restored() -> str | None:
+        status = str((qmp.execute("query-status") or {}).get("status", "?"))
         if status != "inmigrate":
-            if status not in ("paused", "prelaunch", "postmigrate"):
-                raise QemuError(f"restoring the snapshot left QEMU {status!r}, not paused")
-            return time.monotonic() - t0
+            return status
         if m.process is not None and not m.process.alive():
             raise QemuError(f"QEMU exited while restoring the snapshot: "
                             f"{m.process.stderr_tail()}")
-        if time.monotonic() - t0 > timeout:
-            raise QemuError(f"the snapshot was not restored within {timeout:.0f} s")
-        time.sleep(0.01)
+        return None
+
+    try:
+        status = poll("the snapshot's restore", timeout, restored, ceiling=0.01)
+    except DeadlineExceeded:
+        raise QemuError(f"the snapshot was not restored within {timeout:.0f} s") from None
+    if status not in ("paused", "prelaunch", "postmigrate"):
+        raise QemuError(f"restoring the snapshot left QEMU {status!r}, not paused")
+    return time.monotonic() - t0

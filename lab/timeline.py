@@ -442,18 +442,13 @@ class Timeline:
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write ``timeline.jsonl`` atomically (a reader never sees half a file)."""
-        p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps(self.header(), sort_keys=True, default=str) + "\n")
-                for e in self.events:
-                    f.write(e.dumps() + "\n")
-            os.replace(tmp, p)
-        except BaseException:
-            tmp.unlink(missing_ok=True)      # a full disk leaves no half file behind
-            raise
-        return p
+        from lab.atomic import atomic_path
+
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.header(), sort_keys=True, default=str) + "\n")
+            for e in self.events:
+                f.write(e.dumps() + "\n")
+        return Path(path)
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Timeline:

@@ -598,5 +598,5 @@ def write_report(run_dir: str | Path, summary: Summary | None = None, *,
     html = render_report(summary, timelines, headers=headers, run_artifacts=present,
                          notes=notes)
     out = Path(path) if path is not None else rd / REPORT_FILE
-    from lab.rundir import atomic_write
+    from lab.atomic import atomic_write
     return atomic_write(out, html)

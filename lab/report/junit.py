@@ -11,15 +11,14 @@ pytest plugin records image versions.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 
+from lab.atomic import atomic_path
 from lab.report.summary import Summary, fmt_params, iteration_duration_s
 from lab.results import EventRef, IterationResult, Status, Violation
 
@@ -156,13 +155,7 @@ def write_junit(run_dir: str | Path, summary: Summary, path: str | Path | None =
     doc = build_junit(summary, run_dir=run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     # whole or nothing (a full disk must not leave half a file for CI to choke on)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        doc.write(tmp, pretty=True)
-        JUnitXml.fromfile(tmp)       # a CI that cannot read it would silently show nothing
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        doc.write(str(tmp), pretty=True)
+        JUnitXml.fromfile(str(tmp))  # a CI that cannot read it would silently show nothing
     return out

@@ -365,7 +365,7 @@ def write_summary(run_dir: str | Path, info: RunInfo, results: Iterable[Iteratio
 
 
 def save_summary(run_dir: str | Path, summary: Summary) -> Path:
-    from lab.rundir import atomic_write
+    from lab.atomic import atomic_write
 
     return atomic_write(Path(run_dir) / SUMMARY_FILE,
                         json.dumps(summary.to_json(), indent=2, sort_keys=False, default=str)
