@@ -317,8 +317,10 @@ class SshAgent(Agent):
                     out.write(chan.recv(65536))
                 while chan.recv_stderr_ready():
                     err.write(chan.recv_stderr(65536))
-                if chan.exit_status_ready() and not chan.recv_ready() \
-                        and not chan.recv_stderr_ready():
+                # OpenSSH sends exit-status when it reaps the command, possibly before
+                # the last of its output: the output is complete at EOF (or close)
+                if chan.exit_status_ready() and (chan.eof_received or chan.closed) \
+                        and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
                 if chan.closed and not chan.recv_ready():
                     break
@@ -332,7 +334,10 @@ class SshAgent(Agent):
                 # connection (1 in ~120 soak iterations: "Socket exception: Bad file
                 # descriptor"). The exit status wakes this at once; output is read
                 # within 5 ms.
-                chan.status_event.wait(min(0.005, max(0.001, dl.remaining())))
+                if chan.exit_status_ready():
+                    time.sleep(0.001)        # the status is in; its output and EOF follow
+                else:
+                    chan.status_event.wait(min(0.005, max(0.001, dl.remaining())))
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
             if self._marker and err.getvalue()[:1] == START_MARKER:
                 err = io.BytesIO(err.getvalue()[1:])
