@@ -798,7 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source", action="append", help="only this source, e.g. guest.kprobe")
     t.set_defaults(func=cmd_timeline)
 
-    from lab.windows.cli import add_collect_dump_parser, add_windows_image_parser
+    from lab.guest.windows.cli import add_collect_dump_parser, add_windows_image_parser
 
     ins = sub.add_parser(
         "inspect", help="read logs from real machines (setupapi.dev.log, Kernel-PnP events, "

@@ -10,8 +10,8 @@ middle of a scenario. Three groups, in the order a run needs them:
   Windows, which needs KVM), and OVMF for a UEFI Windows image;
 * the guest image: the built-in Linux image's manifest and file hashes, or a Windows
   image's manifest and the files next to it;
-* the guest itself, booted once: for Linux ``lab.doctor_linux`` (SSH, kprobes, BTF,
-  the tracer, the clock bound, a hot-plug); for Windows ``lab.doctor_windows`` (only
+* the guest itself, booted once: for Linux ``lab.guest.linux.doctor`` (SSH, kprobes, BTF,
+  the tracer, the clock bound, a hot-plug); for Windows ``lab.guest.windows.doctor`` (only
   when KVM works).
 
 A check that cannot run (an exception of the lab, an OSError) is a failed check naming
@@ -383,7 +383,7 @@ def check_linux_files(image: Any) -> Check:
 # ================================================================ the Windows image
 
 def check_windows_image(spec_path: str, holder: dict[str, Any]) -> Check:
-    from lab.windows.image import load_manifest
+    from lab.guest.windows.image import load_manifest
 
     path = Path(spec_path).expanduser().absolute()
     if not path.is_file():
@@ -434,7 +434,7 @@ def check_winrm_credentials(guest: Any) -> Check:
 
 
 def check_ovmf() -> Check:
-    from lab.windows.vmconfig import OvmfPaths
+    from lab.guest.windows.vmconfig import OvmfPaths
 
     paths = OvmfPaths()
     missing = [str(p) for p in (paths.code, paths.vars_template) if not p.is_file()]
@@ -489,7 +489,7 @@ def run_linux(doc: Doctor) -> None:
         doc.add(Check("boot", False, "not booted: a check above failed",
                       "fix the failures above and run the doctor again"))
         return
-    from lab.doctor_linux import guest_checks
+    from lab.guest.linux.doctor import guest_checks
     assert image is not None             # the manifest check passed
     guest_checks(doc, image)
 
@@ -549,8 +549,8 @@ def stop_check(m: Any) -> Check:
 def windows_guest_checks(doc: Doctor, guest: Any) -> None:
     """Boot the Windows image with the device under test placed cold (an HD Audio
     controller with its codec: the codec's function devnode is what the driver binds),
-    then every check of ``lab.doctor_windows``."""
-    from lab.doctor_windows import windows_checks
+    then every check of ``lab.guest.windows.doctor``."""
+    from lab.guest.windows.doctor import windows_checks
     from lab.machine import Machine
     from lab.rundir import RunDir
     from vdevice.presets import default_topology

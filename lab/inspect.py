@@ -428,7 +428,8 @@ def inspect_run(run_dir: str | Path, *, rules: Sequence[str] | None = None
                 ) -> list[IterationRecheck]:
     """Re-check every iteration of a run from its timeline and recorded rule context."""
     from lab.report.summary import load_summary
-    from lab.runner import GUEST_RULES_LINUX, RULES_FILE
+    from lab.guest.spec import guest_class
+    from lab.runner import RULES_FILE
 
     rd = Path(run_dir)
     try:
@@ -436,6 +437,8 @@ def inspect_run(run_dir: str | Path, *, rules: Sequence[str] | None = None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{rd}/summary.json: not a readable run summary "
                           f"({type(exc).__name__})") from None
+    # runs made before the guest was recorded were Linux runs
+    summary_os = str(getattr(summary, "guest", None) or "linux")
     out: list[IterationRecheck] = []
     for r in summary.results:
         key = str(r.key)
@@ -455,11 +458,11 @@ def inspect_run(run_dir: str | Path, *, rules: Sequence[str] | None = None
             except (ValueError, AttributeError) as exc:
                 raise ConfigError(f"{rp}: not a rules record ({type(exc).__name__})") from None
         else:
-            ids = list(GUEST_RULES_LINUX)
+            ids = list(guest_class(summary_os).default_rules)
             devices = tuple(DeviceId(qom=e.device.qom) for e in tl.select(kinds=Kind.HOTPLUG_REQUEST)
                             if e.device and e.device.qom)
             ctx = RuleContext.from_timeline(tl, devices=devices, bound_at_start=frozenset())
-            note = f"no {RULES_FILE} (run made before it existed): default Linux rules"
+            note = f"no {RULES_FILE} (run made before it existed): default {summary_os} rules"
         selected = list(rules) if rules else ids
         if r.status not in (Status.PASSED, Status.FAILED):
             out.append(IterationRecheck(key, list(r.violations), [], selected,

@@ -1,9 +1,9 @@
 """One lab VM: the QEMU process, its QMP session, console, sync port and guest agent.
 
-What differs per guest (boot arguments, readiness, the agent, the polite shutdown, per-run
-disk overlays) comes from a ``lab.guest.GuestBoot``: ``LinuxGuest`` (the built-in image,
-the default, also what ``image=`` builds) or ``WindowsGuest``. The Machine keeps what every
-guest shares: the process, QMP, the serial ports, the 0700 private directory, the
+What differs per guest OS (boot arguments, readiness, the agent, the polite shutdown,
+per-run disk overlays, the kernel log) comes from its ``lab.guest.GuestOs``; the default is
+the built-in image (``lab.guest.builtin_guest``, also what ``image=`` builds). The Machine
+keeps what every guest shares: the process, QMP, the serial ports, the 0700 private directory, the
 127.0.0.1-only agent forward, the shutdown ladder, and the mapping of QMP events.
 
 State is explicit (``MachineState``) and moves one way: NEW -> STARTING -> RUNNING ->
@@ -36,8 +36,8 @@ from lab.agent.ssh import SshAgent
 from lab.console import Console, SyncPort
 from lab.deadline import seconds
 from lab.errors import ConfigError, LabError, QemuError
-from lab.events import DeviceId, Event, Kind, Source
-from lab.guest import BootFiles, GuestBoot, GuestPanicked, LinuxGuest
+from lab.events import Event, Kind, Source
+from lab.guest import BootFiles, GuestOs, GuestPanicked, builtin_guest
 from lab.image import GuestImage
 from lab.logs.qmp import event_from_qmp
 from lab.qemu_process import QemuProcess
@@ -47,7 +47,7 @@ from lab.qmp import QmpSession
 from lab import snapshot
 from lab.snapshot import RestorePoint
 from lab.rundir import RunDir
-from lab.windows.panic import panic_event
+from lab.guest.panic import panic_event
 from vdevice import topology as topo_mod
 from vdevice.inventory import QemuInventory
 from vdevice.topology import Topology, qemu_opts
@@ -131,9 +131,10 @@ def free_port() -> int:
 
 
 class Machine:
-    """One VM. ``guest`` says what boots; ``image=`` (the older form) means LinuxGuest(image)."""
+    """One VM. ``guest`` says what boots; ``image=`` (the older form) means the built-in
+    guest booting that image (``builtin_guest(image)``)."""
 
-    def __init__(self, topology: Topology, run: RunDir, *, guest: GuestBoot | None = None,
+    def __init__(self, topology: Topology, run: RunDir, *, guest: GuestOs | None = None,
                  image: GuestImage | None = None,
                  accel: str | None = None, inventory: QemuInventory | None = None,
                  binary: str | None = None, audio_capture: bool = False,
@@ -142,10 +143,10 @@ class Machine:
                  restore: RestorePoint | None = None) -> None:
         if guest is not None and image is not None:
             raise ConfigError("give Machine a guest or an image, not both "
-                              "(image=X is short for guest=LinuxGuest(X))")
+                              "(image=X is short for guest=builtin_guest(X))")
         self.binary = binary or qemu_caps.find_binary()
         self.inventory = inventory or qemu_caps.probe(self.binary)
-        self.guest: GuestBoot = guest or LinuxGuest(image or GuestImage.load())
+        self.guest: GuestOs = guest or builtin_guest(image)
         topology = self.guest.adjust_topology(topology)
         topo_mod.validate(topology, self.inventory)
         self.topology = topology
@@ -186,13 +187,6 @@ class Machine:
         self.guest_cache: dict[str, Any] = {}
         self.stopped_at: str | None = None
         self._lock = threading.Lock()
-
-    @property
-    def image(self) -> GuestImage:
-        """The built-in Linux image this machine boots (Linux guests only)."""
-        if isinstance(self.guest, LinuxGuest):
-            return self.guest.image
-        raise LabError(f"this machine boots a {self.guest.os} guest, not the built-in Linux image")
 
     @property
     def ssh_agent(self) -> SshAgent:
@@ -398,7 +392,7 @@ class Machine:
 
         The event's data carries QEMU's ``action`` and ``info`` at the top level (what
         the kernel-oops rule reads) and ``bugcheck``, the decoded stop code, name and
-        parameters from ``lab.windows.panic`` (with hv-crash; "code unknown" otherwise).
+        parameters from ``lab.guest.panic`` (with hv-crash; "code unknown" otherwise).
         """
         raw = {k: v for k, v in ev.items() if k != "t_host_ns"}
         data: dict[str, Any] = ev["data"] if isinstance(ev.get("data"), dict) else {}
@@ -413,13 +407,8 @@ class Machine:
         self.run.log(f"GUEST_PANICKED: {event.data['bugcheck']['description']}")
 
     def dmesg(self) -> str | None:
-        """The Linux guest's kernel log, or None (no agent, not Linux, no answer)."""
-        if self.agent is None or not isinstance(self.guest, LinuxGuest):
-            return None
-        try:
-            return self.agent.run("dmesg", timeout=10).stdout
-        except LabError:
-            return None
+        """The guest kernel's log, or None (no agent, a guest without one, no answer)."""
+        return self.guest.kernel_log(self.agent) if self.agent is not None else None
 
     def stop(self, *, discard: bool = False) -> str | None:
         """Shut down with the ladder; let the guest collect what it needs first.

@@ -1,16 +1,16 @@
 """Observe a stretch of a run and turn it into one aligned timeline.
 
-``Observation`` starts the guest tracer and clock sampling, and at the end gathers
-every source — the lab's own events and QMP events (events.jsonl), QEMU's trace log,
-the kernel log and uevents from the console, the kprobe stream — aligns guest clocks
-to the host with the ttyS1 sync samples, and writes ``timeline.jsonl``. It only reads
+``Observation`` starts the guest's trace (``GuestOs.trace``: kprobes and clock-sync
+tokens on Linux, an ETW session on Windows), and at the end gathers every source — the
+lab's own events and QMP events (events.jsonl), QEMU's trace log, the kernel log and
+uevents from the console, the guest's trace — aligns guest clocks to the host with the
+guest's clock evidence, and writes ``timeline.jsonl``. It only reads
 what the run directory and the live channels hold, so the same assembly works on a
 run that failed half-way.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from pathlib import Path
@@ -19,47 +19,14 @@ from typing import Any
 from lab import audio_analysis as aa
 from lab import clock
 from lab.audio_capture import CaptureWatch
-from lab.errors import DeadlineExceeded, LabError
+from lab.errors import LabError
 from lab.events import DeviceId, Event, Kind, Source
+from lab.guest.base import GuestTrace
 from lab import operations as ops
 from lab.machine import Machine
 from lab.timeline import DeviceBinding, Timeline
 from lab.tracers.kernel_log import events_from_console
-from lab.tracers.linux import LinuxTracer
 from lab.tracers.qemu_trace import QemuTraceParser
-
-_TOKENS = itertools.count(1)
-
-
-class ClockSync:
-    """Two-way samples over ttyS1: token out at h_send, kmsg line back at h_recv."""
-
-    def __init__(self, m: Machine) -> None:
-        self.m = m
-        self.sent: dict[str, int] = {}
-        self.prefix = f"{m.ssh_port or 0:x}"
-
-    def burst(self, n: int = 24, *, timeout: float = 3.0) -> int:
-        """Send ``n`` tokens one at a time; return how many came back."""
-        if self.m.sync is None or self.m.console is None:
-            return 0
-        got = 0
-        for _ in range(n):
-            token = f"{self.prefix}.{next(_TOKENS)}"
-            cursor = self.m.console.cursor()
-            try:
-                # QEMU may be gone (a panic with panic=-1): the samples so far still count
-                self.sent[token] = self.m.sync.send(token)
-                self.m.console.wait_for(f"rebalab-sync {token}", timeout=timeout, after=cursor,
-                                        what=f"clock-sync token {token}")
-                got += 1
-            except (DeadlineExceeded, LabError):
-                break
-        return got
-
-    def samples(self, lines: list[tuple[int, str]]) -> list[clock.SyncSample]:
-        return clock.samples_from_console(lines, self.sent)
-
 
 def _read_events(path: Path, since_ns: int) -> list[Event]:
     out: list[Event] = []
@@ -116,8 +83,8 @@ def _trace_events(path: Path, since_ns: int, offset: int = 0) -> list[Event]:
 
 def device_bindings(events: list[Event]) -> list[DeviceBinding]:
     """The names the lab learnt for its devices: qom <-> BDF (plug/unplug events carry
-    both) and, on Windows, qom <-> the PnP instance id the plug wait reported, and the
-    instance id of the function devnode (an HDA codec's) where the driver binds."""
+    both) and qom <-> the guest's own names the plug wait reported (a PnP instance id,
+    and the instance id of the function devnode, an HDA codec's, where the driver binds)."""
     seen: dict[tuple[str, str | None, str | None], int] = {}
     for ev in events:
         d = ev.device
@@ -135,43 +102,20 @@ def device_bindings(events: list[Event]) -> list[DeviceBinding]:
 #: taken as still playing (see Observation.audio_analysis)
 END_STILL_NS = 300_000_000
 
-WINDOWS_SOURCES = (Source.GUEST_ETW, Source.GUEST_WPP, Source.GUEST_SETUPAPI, Source.GUEST_PNP)
-
-
-def windows_alignment(start: tuple[int, int] | None, host_after_ns: int) -> clock.Alignment | None:
-    """Guest UTC -> host time from the one exchange the tracer's start makes.
-
-    The guest read its clock somewhere between the host's send and its return, so the
-    midpoint is the estimate and half the round trip the guaranteed bound: coarse (a
-    WinRM round trip is tens to hundreds of ms), and said so in the timeline header.
-    """
-    if start is None:
-        return None
-    guest_ns, host_before_ns = start
-    mid = (host_before_ns + host_after_ns) // 2
-    return clock.Alignment.fixed(mid - guest_ns, bound_ns=max(0, host_after_ns - host_before_ns) // 2,
-                                 method="windows-start-exchange")
-
-
 class Observation:
-    """One stretch of a run. The guest's side depends on its OS: a Linux guest streams
-    kprobes over ttyS2 and answers clock-sync tokens on ttyS1; a Windows guest runs an
-    ETW session (``WindowsTracer``) whose events are fetched over the agent at the end,
-    stamped with the guest's own clock (Windows keeps it in step with the host's)."""
+    """One stretch of a run. The guest's side is its OS's (``GuestOs.trace``): its
+    events, and its clock evidence (samples in the console, or a fixed alignment per
+    source from an exchange of its own)."""
 
     def __init__(self, m: Machine, *, kprobes: bool = True, name: str = "timeline") -> None:
         self.m = m
         self.name = name
         self.kprobes = kprobes
-        self.linux = getattr(getattr(m, "guest", None), "os", "linux") == "linux"
-        self.tracer: LinuxTracer | None = None
-        self.windows: Any = None            # lab.tracers.windows.WindowsTracer
-        self.sync = ClockSync(m)
+        self.guest: GuestTrace = m.guest.trace(m, kprobes=kprobes)
         self.start_ns = 0
         self._console_cursor = 0
         self._trace_offset = 0
         self.timeline: Timeline | None = None
-        self._windows_alignment: clock.Alignment | None = None
         # the guest's playback as QEMU captures it (only when the machine captures audio)
         self.audio_watch: CaptureWatch | None = None
         self.audio_device: DeviceId | None = None    # set by the first `play` step
@@ -200,23 +144,7 @@ class Observation:
             self.audio_watch = CaptureWatch(audio_path).start()
         assert self.m.console is not None
         self._console_cursor = max(0, self.m.console.cursor() - 0)
-        if not self.linux:
-            from lab.tracers.windows.tracer import WindowsTracer
-            if self.m.agent is None:
-                raise LabError("the guest agent is not connected")
-            # the driver's own trace as the scenario configures it (guest.trace)
-            self.windows = WindowsTracer(getattr(getattr(self.m, "guest", None), "trace_config", None),
-                                         out_dir=self.m.artifacts / "windows-trace",
-                                         log=self.m.run.log)
-            self.windows.start(self.m.agent)
-            # the dedicated exchange (best of several rounds); the coarse single exchange
-            # only when it failed
-            self._windows_alignment = self.windows.alignment or windows_alignment(
-                self.windows.clock_start, time.time_ns())
-            return self
-        self.sync.burst()
-        if self.kprobes:
-            self.tracer = LinuxTracer(self.m).start()
+        self.guest.start()
         return self
 
     def finish(self, path: Path | None = None) -> Timeline:
@@ -225,12 +153,8 @@ class Observation:
         Safe on a dead guest: what was received is used, and alignment falls back to
         whatever samples exist (the header says how good it is).
         """
-        guest_events = self.tracer.stop() if self.tracer else []
         alive = self.m.process is not None and self.m.process.responsive()
-        if self.windows is not None:
-            guest_events = self._windows_events(alive)
-        elif alive:
-            self.sync.burst()
+        guest_events = self.guest.stop(alive)
         tl = self._build(guest_events, alive)
         tl.write(path or self.m.artifacts / f"{self.name}.jsonl")
         self.timeline = tl
@@ -275,31 +199,13 @@ class Observation:
             self.audio = analysis
         return analysis.events(device=self.audio_device)
 
-    def _windows_events(self, alive: bool) -> list[Event]:
-        """Stop the ETW session and fetch what it recorded (nothing from a dead guest:
-        the session's file is inside the guest, the run log says so)."""
-        if not alive or self.m.agent is None:
-            self.m.run.log("the Windows guest is gone: its ETW trace could not be fetched")
-            return []
-        try:
-            events = list(self.windows.stop(self.m.agent))
-        except LabError as exc:
-            self.m.run.log(f"fetching the Windows trace failed: {exc}")
-            return []
-        for problem in getattr(self.windows, "problems", []):
-            self.m.run.log(f"windows trace: {problem}")
-        return events
-
     def snapshot(self) -> Timeline:
         """The timeline so far, tracing goes on (for asserts in the middle of a run).
 
-        A Windows guest's ETW events arrive when the session stops, so mid-run they
-        are not in the snapshot (host events and QEMU's trace are)."""
+        A guest whose events arrive only when its trace stops (Windows' ETW session)
+        has none in the snapshot; host events and QEMU's trace are there."""
         alive = self.m.process is not None and self.m.process.responsive()
-        if alive and self.linux:
-            self.sync.burst(4)
-            time.sleep(0.05)   # let in-flight trace lines arrive
-        return self._build(self.tracer.snapshot() if self.tracer else [], alive)
+        return self._build(self.guest.snapshot(alive), alive)
 
     def _build(self, guest_events: list[Event], alive: bool) -> Timeline:
         lines = [(ln.t_host_ns, ln.text) for ln in
@@ -307,7 +213,7 @@ class Observation:
         # clock evidence from this observation's stretch of the console only: one-way
         # samples from the whole boot made the drift fit span minutes, and its error
         # (hundreds of ppm under TCG) grew the bound to tens of ms by the 50th iteration
-        samples = self.sync.samples(lines)
+        samples = self.guest.samples(lines)
         # QEMU's trace comes from its log file alone: a rebalance also records the trace
         # lines it read into the run's events, and taking both would double every line
         host = [e for e in self.m.run.events
@@ -321,8 +227,7 @@ class Observation:
         meta: dict[str, Any] = {"accelerator": self.m.accel.name if self.m.accel else None,
                                 "samples": {"two_way": sum(1 for s in samples if s.kind == "two-way"),
                                             "one_way": sum(1 for s in samples if s.kind != "two-way")},
-                                "kprobes": [s.func for s in self.tracer.active] if self.tracer else [],
-                                "kprobes_missing": list(self.tracer.missing) if self.tracer else [],
+                                **self.guest.meta(),
                                 "guest_alive_at_end": alive}
         if alive:
             self._pci_names()     # a rescan may have given a device another address
@@ -330,13 +235,9 @@ class Observation:
         named = {(b.device.qom, b.device.bdf) for b in bindings}
         bindings += [DeviceBinding(DeviceId(qom=q, bdf=b)) for q, b in sorted(self._qom_bdfs)
                      if (q, b) not in named]
-        per_source = None
-        if not self.linux and self._windows_alignment is not None:
-            per_source = {src: self._windows_alignment for src in WINDOWS_SOURCES}
         return Timeline.build({"host": host, "trace": trace, "console": console_events,
-                               "audio": audio_events,
-                               "kprobe" if self.linux else "windows": guest_events},
-                              alignment=alignment, source_alignment=per_source,
+                               "audio": audio_events, self.guest.group: guest_events},
+                              alignment=alignment, source_alignment=self.guest.source_alignment(),
                               devices=bindings, meta=meta)
 
     def __enter__(self) -> Observation:

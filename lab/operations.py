@@ -2,8 +2,10 @@
 
 Waits are driven by evidence, never fixed sleeps: QMP's DEVICE_DELETED where the
 model emits it, QOM otherwise (ich9-intel-hda in QEMU 7.2 emits none); in the guest,
-a small waiter loop started over SSH *before* the host acts, so the guest-side
-detection costs one SSH round trip in total instead of one per poll.
+the guest OS's own wait (``GuestOs.bound_wait``/``gone_wait``), begun *before* the host
+acts where the guest can watch in the background, so the guest-side detection costs one
+round trip in total instead of one per poll. What the wait saw names the device as the
+guest does, and the lab's BOUND event carries it to the timeline.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lab.deadline import poll, seconds
-from lab.errors import AgentError, ConnectionLost, LabError, QemuError
+from lab.errors import LabError, QemuError
 from lab.events import DeviceId, Event, Kind, Source
 from lab.machine import AUDIODEV_ID, Machine
-from lab.tracers.windows.common import GuestScript, run_script
-from lab.windows import pnp_wait
 from vdevice import topology as topo_mod
 from vdevice.topology import Device, HotplugMode, Placement
 
@@ -98,66 +98,6 @@ def qom_has(m: Machine, qom_id: str) -> bool:
     return any(i.get("name") == qom_id for i in items)
 
 
-# ---- guest waiters -------------------------------------------------------------------
-
-BOUND_DIR = "/run/rebalab/bound"
-
-
-def _waiter_bound(m: Machine, bdf: str, driver: str, timeout: float) -> str:
-    """A guest loop that ends when ``driver`` is bound to ``bdf``.
-
-    Bound means the kernel's bind uevent (sent after probe() returned 0), which the
-    built-in image records in /run/rebalab/bound/<BDF>. The sysfs ``driver`` link is
-    not enough: it appears before probe() runs. Guests without that directory fall
-    back to the link (and the run log says so).
-    """
-    sh = m.agent.shell  # type: ignore[union-attr]
-    n = int(timeout * 1_000_000 / _POLL_US) + 1
-    return (f"d=/sys/bus/pci/devices/{sh.quote(bdf)}; b={BOUND_DIR}/{sh.quote(bdf)}; "
-            f"want={sh.quote(driver)}; i=0; "
-            f"if [ -d {BOUND_DIR} ]; then how=uevent; else how=link; fi; "
-            f"while [ $i -lt {n} ]; do "
-            # read, a shell builtin, not $(cat): no fork per poll (each costs ms under TCG)
-            f"if [ $how = uevent ]; then got=; [ -e \"$b\" ] && read -r got < \"$b\"; "
-            f"else l=$(readlink \"$d/driver\" 2>/dev/null); got=${{l##*/}}; fi; "
-            f"[ \"$got\" = \"$want\" ] && {{ echo bound $how \"$got\"; exit 0; }}; "
-            f"usleep {_POLL_US}; i=$((i+1)); done; "
-            f"echo \"not bound ($how): driver=$(readlink \"$d/driver\" 2>/dev/null || echo none)\"; exit 3")
-
-
-def _waiter_gone(m: Machine, bdf: str, timeout: float) -> str:
-    sh = m.agent.shell  # type: ignore[union-attr]
-    n = int(timeout * 1_000_000 / _POLL_US) + 1
-    return (f"d=/sys/bus/pci/devices/{sh.quote(bdf)}; i=0; "
-            f"while [ $i -lt {n} ]; do [ -e \"$d\" ] || {{ echo gone; exit 0; }}; "
-            f"usleep {_POLL_US}; i=$((i+1)); done; echo still present; exit 3")
-
-
-def _collect_wait(m: Machine, chan: Any, cmd: str, what: str, timeout: float) -> Any:
-    """The end of a guest waiter started before the host acted. The waiters only read
-    state (the bound file, sysfs), so one whose connection went down is run again on a
-    new one: it sees the state as it is by now."""
-    assert m.agent is not None
-    try:
-        return m.agent.collect(chan, what, timeout)
-    except ConnectionLost as exc:
-        m.run.log(f"{what}: {exc}; asking again on a new connection")
-        return m.agent.run(cmd, timeout=timeout, idempotent=True)
-
-
-def _is_windows(m: Machine) -> bool:
-    return getattr(getattr(m, "guest", None), "os", "linux") == "windows"
-
-
-def _windows_wait(m: Machine, script: GuestScript, timeout: float, what: str) -> str:
-    """Run a ``lab.windows.pnp_wait`` loop; AgentError with what the guest saw."""
-    assert m.agent is not None
-    r = run_script(m.agent, script)
-    if r.exit_status != 0:
-        raise AgentError(f"{what} within {timeout:.1f}s ({(r.stdout or r.stderr).strip()[-300:]})")
-    return r.stdout.strip()
-
-
 def _record(m: Machine, kind: Kind, dev: Device, bdf: str | None, *,
             instance: str | None = None, **data: Any) -> int:
     t = time.time_ns()
@@ -177,7 +117,7 @@ def _span(m: Machine, name: str, dev: Device, bdf: str | None, start_ns: int) ->
 def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
          timeout: float | None = None,
          on_requested: Callable[[], None] | None = None) -> OperationResult:
-    """Hot-plug ``dev`` and wait until its Linux driver is bound in the guest."""
+    """Hot-plug ``dev`` and wait until the guest's driver for it is up."""
     m.require_running()
     assert m.qmp is not None and m.agent is not None
     model = dev.catalog()
@@ -191,13 +131,10 @@ def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
     res = OperationResult("plug", dev.id, model.driver, time.time_ns())
     bdf = guest_bdf(m, dev.port)
     res.details["bdf"] = bdf
-    chan = None
-    windows = _is_windows(m)
-    expect = model.windows_hwid if windows else model.linux_driver
-    if wait_bound and expect and not windows:
-        cmd = _waiter_bound(m, bdf, expect, timeout)
-        chan = m.agent.open(cmd)
+    wait = m.guest.bound_wait(m, dev, bdf, timeout) if wait_bound else None
     try:
+        if wait is not None:
+            wait.begin()
         if topo_mod.needs_memdev(dev):
             m.qmp.execute("object-add", topo_mod.memdev_object(dev))
         payload = topo_mod.device_add_payload(dev, audiodev=AUDIODEV_ID)
@@ -210,32 +147,17 @@ def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
         m.topology = m.topology.with_device(replace(dev, placement=Placement.HOT))
         if on_requested is not None:
             on_requested()
-        if chan is not None:
-            r = _collect_wait(m, chan, cmd, "wait for driver bound", timeout + 5)
-            chan = None
-            if r.exit_status != 0:
-                raise AgentError(f"{dev.id} ({model.driver}) at {bdf}: {expect} did not bind "
-                                 f"within {timeout:.1f}s ({r.stdout.strip() or r.stderr.strip()}); "
-                                 "see dmesg.txt and console.log")
+        if wait is not None:
+            seen = wait.end()
             res.durations_ms["bound"] = (time.monotonic() - t0) * 1e3
-            res.details["bound_evidence"] = r.stdout.split()[1] if r.stdout.strip() else "?"
-            _record(m, Kind.BOUND, dev, bdf, driver=expect, evidence=res.details["bound_evidence"],
-                    after_ms=res.durations_ms["bound"])
-        elif wait_bound and expect and windows:
-            out = _windows_wait(m, pnp_wait.started(expect, timeout), timeout,
-                                f"{dev.id} ({model.driver}, {expect}) did not start")
-            res.durations_ms["bound"] = (time.monotonic() - t0) * 1e3
-            res.details["bound_evidence"] = "pnp-started"
-            # the device's PnP instance id (and its HDA function devnode's): the bound
-            # event carries them, so the timeline binds them to the lab's name and the
-            # rules judge Kernel-PnP events and Get-PnpDevice state keyed by them
-            started = pnp_wait.parse_started(out)
-            res.details["instance_id"] = started.instance_id if started else None
-            _record(m, Kind.BOUND, dev, bdf,
-                    instance=started.instance_id if started else None,
-                    function_instance=started.function_instance_id if started else None,
-                    hardware_id=expect, evidence="pnp-started",
-                    after_ms=res.durations_ms["bound"])
+            res.details["bound_evidence"] = seen.evidence
+            if seen.instance is not None:
+                res.details["instance_id"] = seen.instance
+            # the guest's names for the device (a PnP instance id, an HDA function
+            # devnode's) ride on the bound event: the timeline binds them to the lab's name
+            # and the rules judge the guest's events keyed by them
+            _record(m, Kind.BOUND, dev, bdf, instance=seen.instance, **dict(seen.data),
+                    evidence=seen.evidence, after_ms=res.durations_ms["bound"])
         _span(m, "plug", dev, bdf, res.started_ns)
         m.run.log(f"plug {dev.id} ({model.driver}) into {dev.port} at {bdf}: "
                   + ", ".join(f"{k} {v:.1f} ms" for k, v in res.durations_ms.items()))
@@ -245,8 +167,8 @@ def plug(m: Machine, dev: Device, *, wait_bound: bool = True,
         res.error = str(exc)
         raise
     finally:
-        if chan is not None:
-            chan.close()
+        if wait is not None:
+            wait.close()
 
 
 def unplug(m: Machine, dev_id: str, *, timeout: float | None = None,
@@ -264,10 +186,10 @@ def unplug(m: Machine, dev_id: str, *, timeout: float | None = None,
     res = OperationResult("unplug", dev.id, model.driver, time.time_ns())
     bdf = device_bdf_from_qemu(m, dev.id)
     res.details["bdf"] = bdf
-    windows = _is_windows(m)
-    gone_cmd = _waiter_gone(m, bdf, timeout) if bdf and not windows else None
-    chan = m.agent.open(gone_cmd) if gone_cmd else None
+    wait = m.guest.gone_wait(m, dev, bdf, timeout)
     try:
+        if wait is not None:
+            wait.begin()
         cursor = m.qmp.cursor()
         t0 = time.monotonic()
         res.started_ns = _record(m, Kind.UNPLUG_REQUEST, dev, bdf)
@@ -285,21 +207,11 @@ def unplug(m: Machine, dev_id: str, *, timeout: float | None = None,
             res.details["qemu_evidence"] = "qom-list"
             _record(m, Kind.DEVICE_DELETED, dev, bdf, evidence="qom-list")
         res.durations_ms["qemu_gone"] = (time.monotonic() - t0) * 1e3
-        if chan is not None and gone_cmd is not None:
-            r = _collect_wait(m, chan, gone_cmd, "wait for the device to leave the guest",
-                              timeout + 5)
-            chan = None
-            if r.exit_status != 0:
-                raise AgentError(f"{dev.id} at {bdf} is still present in the guest "
-                                 f"{timeout:.1f}s after QEMU deleted it")
-            res.durations_ms["guest_gone"] = (time.monotonic() - t0) * 1e3
-            _record(m, Kind.UNBOUND, dev, bdf, after_ms=res.durations_ms["guest_gone"])
-        elif windows and model.windows_hwid:
-            _windows_wait(m, pnp_wait.gone(model.windows_hwid, timeout), timeout,
-                          f"{dev.id} ({model.windows_hwid}) is still present in the guest")
+        if wait is not None:
+            seen = wait.end()
             res.durations_ms["guest_gone"] = (time.monotonic() - t0) * 1e3
             _record(m, Kind.UNBOUND, dev, bdf, after_ms=res.durations_ms["guest_gone"],
-                    evidence="pnp-gone")
+                    **dict(seen.data))
         if topo_mod.needs_memdev(dev):
             m.qmp.execute("object-del", {"id": topo_mod.memdev_id(dev)})
         m.present.discard(dev.id)
@@ -312,8 +224,8 @@ def unplug(m: Machine, dev_id: str, *, timeout: float | None = None,
         res.error = str(exc)
         raise
     finally:
-        if chan is not None:
-            chan.close()
+        if wait is not None:
+            wait.close()
 
 
 def _device_del(m: Machine, dev_id: str, timeout: float) -> None:
@@ -339,13 +251,5 @@ def _device_del(m: Machine, dev_id: str, timeout: float) -> None:
             delay = min(delay * 2, 0.5)
 
 
-def guest_driver(m: Machine, bdf: str) -> str | None:
-    """The driver bound to ``bdf`` in the guest right now, or None."""
-    assert m.agent is not None
-    r = m.agent.run_argv(["readlink", f"/sys/bus/pci/devices/{bdf}/driver"], timeout=10,
-                         idempotent=True)
-    return r.stdout.strip().rsplit("/", 1)[-1] if r.ok and r.stdout.strip() else None
-
-
-__all__ = ["OperationResult", "plug", "unplug", "guest_bdf", "guest_driver", "query_pci",
+__all__ = ["OperationResult", "plug", "unplug", "guest_bdf", "query_pci",
            "QemuError"]

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from collections.abc import Sequence
 from typing import Any
 
 from lab import operations as ops
-from lab.deadline import poll, seconds
 from lab.errors import LabError
 from lab.events import DeviceId, Event, Kind, Source
+from lab.guest.base import Unsupported
 from lab.machine import Machine
 from lab.pci_state import Change, PciSnapshot, diff
 from lab.tracers.qemu_trace import QemuTraceTail
@@ -30,8 +29,6 @@ TRIGGERS = ("pressure", "rescan", "cpu-hotplug", "reconfigure", "resize", "wdtf"
 RUNTIME_TRACE = ("pci_cfg_write",)
 
 
-class Unsupported(LabError):
-    """The trigger cannot work with this QEMU/device; said plainly, detected not assumed."""
 
 
 @dataclass
@@ -145,32 +142,14 @@ def enable_runtime_trace(m: Machine) -> None:
     m._runtime_trace_on = True  # type: ignore[attr-defined]
 
 
-def _windows(m: Machine) -> bool:
-    return getattr(getattr(m, "guest", None), "os", "linux") == "windows"
-
-
 def _driver(m: Machine, dev_id: str) -> str | None:
-    """The Linux driver bound to the device (sysfs). A Windows guest's device state comes
-    from Get-PnpDevice in the trigger itself (``_windows_state``), never from sysfs."""
-    if _windows(m):
-        return None
-    bdf = ops.device_bdf_from_qemu(m, dev_id)
-    return ops.guest_driver(m, bdf) if bdf else None
+    """The driver the guest has bound to the device now, where the guest can say
+    (``GuestOs.driver_of``; a Windows guest's state is reported by its trigger halves)."""
+    return m.guest.driver_of(m, dev_id)
 
 
-def _windows_state(m: Machine, hardware_ids: Sequence[str]) -> list[dict[str, Any]]:
-    """Present devnodes matching ``hardware_ids`` (Get-PnpDevice: instance id, status,
-    problem code, driver INF), as JSON for the report."""
-    from lab.tracers.windows.common import run_structured
-    from lab.windows import driver_check
-
-    assert m.agent is not None
-    found = driver_check.parse_state(run_structured(m.agent, driver_check.state_script(hardware_ids)))
-    return [{"instance_id": d.instance_id, "status": d.status, "problem_code": d.problem_code,
-             "problem": d.problem, "driver_inf": d.driver_inf} for d in found]
-
-
-def _begin(m: Machine, trigger: str, dev_id: str) -> tuple[RebalanceReport, Evidence]:
+def begin(m: Machine, trigger: str, dev_id: str) -> tuple[RebalanceReport, Evidence]:
+    """Start a trigger's report and its host evidence (query-pci before, QEMU's trace)."""
     m.require_running()
     if trigger != "cpu-hotplug" and dev_id not in m.present:
         raise LabError(f"{dev_id} is not plugged in; plug it before the {trigger} rebalance")
@@ -180,7 +159,8 @@ def _begin(m: Machine, trigger: str, dev_id: str) -> tuple[RebalanceReport, Evid
     return rep, ev
 
 
-def _end(m: Machine, rep: RebalanceReport, ev: Evidence) -> RebalanceReport:
+def end(m: Machine, rep: RebalanceReport, ev: Evidence) -> RebalanceReport:
+    """Close the evidence (query-pci after, the diff) and record the trigger's span."""
     ev.finish(rep)
     # one span per operation: the rules name violations by the phase they fall in
     m.run.record(Event(rep.started_ns, Source.HOST_LAB, Kind.OPERATION, DeviceId(qom=rep.device),
@@ -193,46 +173,15 @@ def _end(m: Machine, rep: RebalanceReport, ev: Evidence) -> RebalanceReport:
 # ---- triggers ------------------------------------------------------------------------
 
 def rescan(m: Machine, dev_id: str, *, remove: str = "port") -> RebalanceReport:
-    """Guest-side rebalance on Linux: remove the device's root port, rescan the bus.
-
-    Linux never moves a running device's BARs for a sibling (PLATFORM.md); removing the
-    port subtree and rescanning makes it assign windows and BARs afresh, with driver
-    unbind and rebind, which is the closest Linux analogue of a Windows rebalance.
-    """
+    """Make the guest assign the device's resources afresh by removing its root port (or
+    the device) and rescanning the bus, then wait for the driver to come back; the guest
+    half is ``GuestOs.triggers().rescan`` (Linux: sysfs remove + rescan)."""
     if remove not in ("port", "device", "none"):
         raise LabError(f"rescan: remove must be port, device or none, not {remove!r}")
-    rep, ev = _begin(m, "rescan", dev_id)
-    assert m.agent is not None
-    dev = m.topology.device(dev_id)
-    root = m.topology.root_port_of(dev.port)
-    target = root if remove == "port" else dev_id
-    port_bdf = ops.device_bdf_from_qemu(m, target)
-    if port_bdf is None:
-        raise LabError(f"{target} not found in query-pci")
-    model = dev.catalog()
-    sh = m.agent.shell
-    t0 = time.monotonic()
-    if remove != "none":
-        # idempotent by construction: a removed device has no `remove` file, so sending
-        # this again after a connection lost mid-command (dropbear 2022.83 drops sessions;
-        # the command may have run) finds it gone and succeeds, instead of failing the
-        # iteration with "nonexistent directory"
-        node = sh.quote(f"/sys/bus/pci/devices/{port_bdf}/remove")
-        m.agent.run(f"if [ -e {node} ]; then echo 1 > {node}; fi", idempotent=True).check()
-    rep.durations_ms["remove"] = (time.monotonic() - t0) * 1e3
-    m.agent.run("echo 1 > /sys/bus/pci/rescan", idempotent=True).check()   # twice is harmless
-    rep.durations_ms["rescan"] = (time.monotonic() - t0) * 1e3
-    if model.linux_driver:
-        bdf = poll(f"{dev_id} to reappear in query-pci after rescan", seconds("driver_bound"),
-                   lambda: ops.device_bdf_from_qemu(m, dev_id))
-        ok = m.agent.run(ops._waiter_bound(m, bdf, model.linux_driver, seconds("driver_bound")),
-                         idempotent=True,
-                         timeout=seconds("driver_bound") + 5)
-        rep.rebound = ok.ok
-        rep.durations_ms["rebound"] = (time.monotonic() - t0) * 1e3
+    rep, ev = begin(m, "rescan", dev_id)
+    m.guest.triggers().rescan(m, rep, dev_id, remove)
     rep.driver_after = _driver(m, dev_id)
-    rep.details["removed"] = {"what": remove, "id": target, "bdf": port_bdf}
-    return _end(m, rep, ev)
+    return end(m, rep, ev)
 
 
 def pressure(m: Machine, dev_id: str, *, size: int | None = None, placement: str = "sibling",
@@ -240,13 +189,13 @@ def pressure(m: Machine, dev_id: str, *, size: int | None = None, placement: str
              port: str | None = None) -> RebalanceReport:
     """Hot-plug a device whose BAR does not fit its port's window, next to ``dev_id``.
 
-    In native mode Linux retries ("No. 2 try to assign unassigned res"), releasing and
-    re-assigning the port window; in ACPI mode the BAR stays unassigned. The report
-    says which happened, from QEMU's view of the pressure device's BAR.
+    The host's query-pci diff is the ground truth (did a bridge window grow, did the
+    device's BARs move); ``GuestOs.triggers().pressure_seen`` adds what the guest made of the
+    newcomer (whether its BAR got an address; its PnP state).
     """
     if get_model(model).role != Role.PRESSURE:
         raise LabError(f"{model} is not a pressure device (use pci-testdev or ivshmem-plain)")
-    rep, ev = _begin(m, "pressure", dev_id)
+    rep, ev = begin(m, "pressure", dev_id)
     # the scenario model's default id (RebalancePressure.pressure_id), one name everywhere
     pressure_id = pressure_id or f"{dev_id}-pressure"
     port = port or _pressure_port(m, dev_id, placement)
@@ -261,89 +210,14 @@ def pressure(m: Machine, dev_id: str, *, size: int | None = None, placement: str
     t0 = time.monotonic()
     ops.plug(m, pdev, wait_bound=False)
     rep.durations_ms["device_add"] = (time.monotonic() - t0) * 1e3
-    assert m.agent is not None
-    bdf = ops.device_bdf_from_qemu(m, pressure_id)
     rep.details.update({"pressure_device": pressure_id, "pressure_port": port,
                         "pressure_size": size, "hotplug_mode": m.topology.hotplug_mode.value})
-    if _windows(m):
-        return _pressure_windows(m, rep, ev, dev_id, pressure_id, model, t0)
-    agent = m.agent
-    # the guest enumerates the newcomer and, in native mode, retries the assignment;
-    # wait until its sysfs node exists, then until the BAR is settled (assigned or not)
-    poll(f"{pressure_id} to appear in the guest", seconds("driver_bound"),
-         lambda: True if agent.run_argv(["test", "-e", f"/sys/bus/pci/devices/{bdf}"]).ok
-         else None)
-    rep.durations_ms["guest_sees"] = (time.monotonic() - t0) * 1e3
-    bar_index = 2 if model in ("pci-testdev", "ivshmem-plain") else 0
-    assigned = _guest_bar_assigned(m, bdf, bar_index)
-    rep.details["pressure_bar_assigned"] = assigned
-    rep.notes.append(f"pressure BAR{bar_index} ({fmt_size(size)}) "
-                     + ("was assigned: the guest made room" if assigned else
-                        "stayed unassigned: the guest did not rebalance for it"))
+    m.guest.triggers().pressure_seen(m, rep, dev_id, pressure_id, model, t0)
     rep.driver_after = _driver(m, dev_id)
     if rep.driver_before:
         rep.notes.append(f"{dev_id}'s driver {'is still bound' if rep.driver_after else 'is NOT bound'}"
                          f" ({rep.driver_after or rep.driver_before})")
-    return _end(m, rep, ev)
-
-
-def _pressure_windows(m: Machine, rep: RebalanceReport, ev: Evidence, dev_id: str,
-                      pressure_id: str, model: str, t0: float) -> RebalanceReport:
-    """The guest half of ``pressure`` on Windows: no sysfs, only the host's query-pci diff
-    (``Evidence``) and the PnP state of both devices from Get-PnpDevice.
-
-    Windows hands resources to a device it starts (the arbiter assigns them on the way
-    to IRP_MN_START_DEVICE); pci-testdev/ivshmem have no in-box driver, so the newcomer
-    is expected to sit with a problem code and take nothing, in which case nothing
-    rebalances (unverified on a real guest: the report shows what happened).
-    """
-    pressure_hwids = tuple(h for h in (get_model(model).windows_hwid,) if h)
-    audio = m.topology.device(dev_id).catalog()
-    audio_hwids = tuple(h for h in (audio.windows_hwid,) if h)
-
-    if not pressure_hwids:
-        raise LabError(f"{model} has no Windows hardware id in the catalog: the guest's view of "
-                       "it cannot be checked")
-
-    def seen() -> list[dict[str, Any]] | None:
-        found = _windows_state(m, pressure_hwids)
-        return found or None
-
-    # each probe is a PowerShell launch in the guest: at most one a second
-    state = poll(f"{pressure_id} ({', '.join(pressure_hwids)}) to appear in the guest's "
-                 "Get-PnpDevice", seconds("driver_bound"), seen, ceiling=1.0)
-    rep.durations_ms["guest_sees"] = (time.monotonic() - t0) * 1e3
-    after = _windows_state(m, audio_hwids) if audio_hwids else []
-    rep.details.update({"pressure_guest_state": state, "device_guest_state": after})
-    for d in state:
-        what = (f"problem code {d['problem_code']} ({d['problem']})" if d["problem_code"]
-                else f"status {d['status']}")
-        rep.notes.append(f"pressure device {d['instance_id']}: {what} in the guest"
-                         + ("; a device Windows does not start takes no resources, so "
-                            "nothing had to move" if d["problem_code"] else ""))
-    for d in after:
-        rep.notes.append(f"{dev_id} ({d['instance_id']}): status {d['status']}"
-                         + (f", problem code {d['problem_code']} ({d['problem']})"
-                            if d["problem_code"] else ""))
-    return _end(m, rep, ev)
-
-
-def _guest_bar_assigned(m: Machine, bdf: str | None, bar: int) -> bool:
-    """Did the guest give the BAR an address? Read from sysfs ``resource``.
-
-    QEMU maps a BAR only while the device's decode is on, and a pressure device has no
-    driver to turn it on, so the host cannot see this one; the host evidence for
-    pressure is the bridge window change, which the diff reports.
-    """
-    assert m.agent is not None
-    if bdf is None:
-        return False
-    r = m.agent.run_argv(["cat", f"/sys/bus/pci/devices/{bdf}/resource"])
-    lines = r.stdout.splitlines() if r.ok else []
-    if len(lines) <= bar:
-        return False
-    start, end, _flags = (int(x, 16) for x in lines[bar].split()[:3])
-    return start != 0 and end > start
+    return end(m, rep, ev)
 
 
 def _pressure_port(m: Machine, dev_id: str, placement: str) -> str:
@@ -368,7 +242,7 @@ def _pressure_port(m: Machine, dev_id: str, placement: str) -> str:
 def reconfigure(m: Machine, dev_id: str, *, model: str | None = None,
                 props: dict[str, str] | None = None) -> RebalanceReport:
     """Replace the device at its port by another model or property set, both halves timed."""
-    rep, ev = _begin(m, "reconfigure", dev_id)
+    rep, ev = begin(m, "reconfigure", dev_id)
     old = m.topology.device(dev_id)
     new = replace(old, model=model or old.model, props=dict(props or {}), codec=None,
                   placement=Placement.HOT)
@@ -384,66 +258,50 @@ def reconfigure(m: Machine, dev_id: str, *, model: str | None = None,
                         "to": {"model": new.model, "props": dict(new.props)},
                         "unplug": u.to_json(), "plug": p.to_json()})
     rep.driver_after = _driver(m, dev_id)
-    rep.rebound = rep.driver_after == new.catalog().linux_driver
-    return _end(m, rep, ev)
+    # the plug's own wait saw the driver come up ("bound"); where the guest can name
+    # the driver now, that it is the expected one
+    expected = m.guest.driver_names(new.catalog())
+    rep.rebound = (rep.driver_after in expected if rep.driver_after and expected
+                   else "bound" in p.durations_ms)
+    return end(m, rep, ev)
 
 
 def cpu_hotplug(m: Machine, dev_id: str | None = None) -> RebalanceReport:
-    """Hot-plug one vCPU (Windows is known to rebalance on it; Linux onlines the CPU)."""
+    """Hot-plug one vCPU. Windows Server rebalances on it (a dynamically partitionable
+    server; the loader refuses Windows 10/11); the guest half (``triggers().cpu_added``)
+    waits for the guest to take the CPU where it can tell."""
     assert m.qmp is not None and m.agent is not None
-    rep, ev = _begin(m, "cpu-hotplug", dev_id or "guest")
-    slots = m.qmp.execute("query-hotpluggable-cpus")
+    qmp = m.qmp
+    rep, ev = begin(m, "cpu-hotplug", dev_id or "guest")
+    slots = qmp.execute("query-hotpluggable-cpus")
     free = [s for s in slots if "qom-path" not in s]
     if not free:
         raise Unsupported(f"no free vCPU slot: the topology has cpus={m.topology.cpus}, "
                           f"max_cpus={m.topology.max_cpus}; raise max_cpus")
     slot = sorted(free, key=lambda s: tuple(sorted(s["props"].items())))[0]
     cpu_id = f"cpu{len(slots) - len(free)}"
-    if _windows(m):
-        # the scenario loader refused this on Windows 10/11 (lab.scenario.loader,
-        # CPU_HOTPLUG_CLIENT): here a Windows Server guest; the host's diff is the evidence
+
+    def add() -> None:
         t0 = time.monotonic()
-        m.qmp.execute("device_add", {"driver": slot["type"], "id": cpu_id, **slot["props"]})
+        qmp.execute("device_add", {"driver": slot["type"], "id": cpu_id, **slot["props"]})
         rep.durations_ms["device_add"] = (time.monotonic() - t0) * 1e3
-        rep.details.update({"cpu": cpu_id, "props": slot["props"]})
-        rep = _end(m, rep, ev)
-        rep.notes.append("Windows Server: a processor hot-add makes a dynamically partitionable "
-                         "server rebalance; " + (f"{len(rep.changes)} PCI resource change(s) seen"
-                                                 if rep.changes else "no PCI resource moved"))
-        return rep
-    n_before = _guest_cpus(m)
-    t0 = time.monotonic()
-    m.qmp.execute("device_add", {"driver": slot["type"], "id": cpu_id, **slot["props"]})
-    rep.durations_ms["device_add"] = (time.monotonic() - t0) * 1e3
-    n = poll("the guest to see the new CPU", seconds("driver_bound"),
-             lambda: (lambda c: c if c > n_before else None)(_guest_cpus(m)))
-    # Linux does not online hot-added CPUs by itself without a udev rule: do it like udev
-    m.agent.run(f"for c in /sys/devices/system/cpu/cpu[0-9]*/online; do "
-                f"[ \"$(cat $c)\" = 1 ] || echo 1 > $c; done").check()
-    online = m.agent.run("cat /sys/devices/system/cpu/online").stdout.strip()
-    rep.durations_ms["online"] = (time.monotonic() - t0) * 1e3
-    rep.details.update({"cpu": cpu_id, "props": slot["props"], "guest_cpus": n,
-                        "guest_online": online})
-    rep.notes.append(f"guest sees {n} CPUs (online: {online})")
-    rep = _end(m, rep, ev)
-    if not rep.changes:
-        rep.notes.append("no PCI resource moved (Linux does not rebalance on CPU hot-plug)")
+
+    rep.details.update({"cpu": cpu_id, "props": slot["props"]})
+    m.guest.triggers().cpu_added(m, rep, add)
+    rep = end(m, rep, ev)
+    rep.notes.append(f"{len(rep.changes)} PCI resource change(s) seen" if rep.changes
+                     else "no PCI resource moved")
     return rep
 
 
-def _guest_cpus(m: Machine) -> int:
-    assert m.agent is not None
-    r = m.agent.run("ls -d /sys/devices/system/cpu/cpu[0-9]* | wc -l")
-    return int(r.stdout.strip() or 0)
-
-
 def resize(m: Machine, dev_id: str) -> RebalanceReport:
-    """Resizable BAR: detected from the device's PCIe extended capabilities in the guest."""
+    """Resizable BAR: detected from the device's PCIe extended capabilities as the guest
+    reads its config space (``triggers().capabilities``)."""
     assert m.agent is not None
     bdf = ops.device_bdf_from_qemu(m, dev_id)
     if bdf is None:
         raise LabError(f"{dev_id} is not present")
-    caps = _ext_caps(m, bdf)
+    caps = m.guest.triggers().capabilities(m, bdf)
     if 0x15 not in caps:
         model = m.topology.device(dev_id).model
         raise Unsupported(
@@ -455,81 +313,12 @@ def resize(m: Machine, dev_id: str) -> RebalanceReport:
                       "is not implemented yet")
 
 
-def _ext_caps(m: Machine, bdf: str) -> list[int]:
-    assert m.agent is not None
-    r = m.agent.run_argv(["od", "-An", "-v", "-tx4", "-j256", "-N3840",
-                          f"/sys/bus/pci/devices/{bdf}/config"])
-    words = [int(w, 16) for w in r.stdout.split()] if r.ok else []
-    caps: list[int] = []
-    off = 0x100
-    while words and 0x100 <= off < 0x1000 and len(caps) < 64:
-        hdr = words[(off - 0x100) // 4]
-        if hdr in (0, 0xFFFFFFFF):
-            break
-        caps.append(hdr & 0xFFFF)
-        off = (hdr >> 20) & 0xFFC
-    return caps
-
-
 def wdtf(m: Machine, dev_id: str, *, action: str, target: str = "pci",
          instance: str | None = None) -> RebalanceReport:
-    """Windows: WDTF's Enhanced Device Testing puts ``dev_id`` through ``action``
-    (``lab.windows.wdtf``: restart, rebalance, cancel-stop, fail-restart).
-
-    The EDT filter is attached first (its ``Enable`` restarts the device, so it runs
-    before the evidence starts); then the action runs inside ``query-pci`` snapshots and
-    QEMU's trace. For ``rebalance`` the host's diff is the proof: WDTF's success flag
-    says the request went through, a BAR of ``dev_id`` that moved says Windows really
-    gave the device new resources, and the report says plainly when none moved (the
-    stop is not guaranteed: another driver may veto the query-stop).
-    """
-    from lab.windows import wdtf as W
-
-    if not _windows(m):
-        raise Unsupported("the wdtf trigger drives WDTF in a Windows guest; on Linux use rescan")
-    method = W.method_for(action)
-    dev = m.topology.device(dev_id)
-    model = dev.catalog()
-    if target == "function":
-        hwids = model.function_hwids
-        if not hwids:
-            raise LabError(f"{dev_id} ({model.driver}) has no function devnode: only an HD Audio "
-                           "controller has one (use target: pci)")
-    elif target == "pci":
-        hwids = tuple(h for h in (model.windows_hwid,) if h)
-        if not hwids:
-            raise LabError(f"{model.driver} has no Windows hardware id in the catalog")
-    else:
-        raise LabError(f"wdtf target must be pci or function, not {target!r}")
-    if dev_id not in m.present:
-        raise LabError(f"{dev_id} is not plugged in; plug it before the wdtf {action}")
-    assert m.agent is not None
-    prepared = W.prepare(m.agent, W.WdtfTarget(hardware_ids=hwids, instance_id=instance))
-    rep, ev = _begin(m, f"wdtf-{action}", dev_id)
-    outcome = W.run_action(m.agent, action, prepared.instance_id)
-    rep.durations_ms[method] = outcome.elapsed_ms if outcome.elapsed_ms is not None else \
-        (time.time_ns() - rep.started_ns) / 1e6
-    rep.details.update({"wdtf": outcome.to_json(), "target": target,
-                        "edt_enabled_by_lab": prepared.enabled_now})
-    if prepared.enabled_now:
-        rep.notes.append(f"EDT filter attached to {prepared.instance_id} (Enable restarted the "
-                         "device before the evidence began)")
-    rep.notes.append(outcome.summary())
-    rep.notes.append(f"expected: {W.EXPECTED[action]}")
-    rep = _end(m, rep, ev)
-    moved = [c for c in rep.changes if c.device == dev_id and c.what.startswith("BAR")
-             and c.old_address != c.new_address]
-    rep.details["bar_moves"] = [c.to_json() for c in moved]
-    if action == "rebalance":
-        rep.notes.append(
-            "the host saw " + ", ".join(f"{c.what} {c.old} -> {c.new}" for c in moved)
-            if moved else
-            f"the host saw no BAR of {dev_id} move: Windows kept its resources (a veto of the "
-            "query-stop, or the same range assigned again); this was no rebalance onto new "
-            "resources")
-    elif moved:
-        rep.notes.append(f"{dev_id}'s BARs moved although {action} keeps the resources")
-    return rep
+    """WDTF's Enhanced Device Testing puts ``dev_id`` through ``action`` (restart,
+    rebalance, cancel-stop, fail-restart), as the HLK Device Fundamentals PnP tests do;
+    the guest half is ``GuestOs.triggers().wdtf`` (only a Windows guest has WDTF)."""
+    return m.guest.triggers().wdtf(m, dev_id, action=action, target=target, instance=instance)
 
 
 def run_trigger(m: Machine, trigger: str, dev_id: str, **kw: Any) -> RebalanceReport:

@@ -127,11 +127,12 @@ def check_recordable(scenario: Any, *, flag: str = "record: true") -> None:
     """Refuse, before any VM starts, a scenario that cannot run under recording: the
     first offending step is named at its file:line with the reason and the recordable
     alternative (``SpecError``, exit 2). ``flag`` says what asked for recording."""
-    if scenario.guest.os != "linux":
-        raise SpecError(f"{flag}: record/replay needs TCG (QEMU cannot record under KVM); "
-                        f"a {scenario.guest.os} guest runs only under KVM here",
-                        file=scenario.file)
+    from lab.guest.spec import guest_class
     from lab.scenario.steps import walk
+
+    refusal = guest_class(scenario.guest.os).record_refusal()
+    if refusal is not None:
+        raise SpecError(f"{flag}: {refusal}", file=scenario.file)
 
     devices = getattr(scenario.topology, "devices", ())
     sweep = scenario.sweep()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lab.guest import GuestBoot, LinuxGuest
+from lab.guest import GuestOs
 from lab.machine import Machine
 from lab.record import (RECORDING_FILE, RecordingInfo, RecordSpec, boot_inputs, file_digest,
                         keep_recording, last_guest_time)
@@ -42,14 +42,11 @@ class Recorder:
         snapshot when gdb attaches (lab.record_debug)."""
         return RecordSpec(vm_dir / RECORDING_FILE)
 
-    def begin(self, guest: GuestBoot) -> None:
+    def begin(self, guest: GuestOs) -> None:
         """Before the VM boots: the clock, and the digests of the files it boots from
         (an image rebuilt during the recording makes it unreplayable: see finish)."""
         self._t0 = time.monotonic()
-        self._inputs = {}
-        if isinstance(guest, LinuxGuest):
-            self._inputs = {"kernel": file_digest(guest.image.kernel()),
-                            "initrd": file_digest(guest.image.initrd)}
+        self._inputs = {name: file_digest(path) for name, path in guest.boot_files().items()}
 
     def finish(self, m: Machine | None, key: str, status: Status, it_dir: Path
                ) -> dict[str, float]:

@@ -179,7 +179,7 @@ def guest_events(console: list[tuple[int, str]], trace: list[tuple[int, str]]) -
     """The guest's side of a timeline, from the console and the kprobe stream: the
     parsers the run's observation uses (kernel log and uevents; kprobes)."""
     from lab.tracers.kernel_log import events_from_console
-    from lab.tracers.linux import ALL_SPECS, TraceParser
+    from lab.guest.linux.kprobes import ALL_SPECS, TraceParser
 
     parser = TraceParser(ALL_SPECS)
     kprobes = [ev for t, text in trace if (ev := parser.parse(text, t)) is not None]

@@ -33,14 +33,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lab import kmod
 from lab import operations as ops
 from lab import rebalance as rb
 from lab import snapshot
 from lab.errors import (ArtifactsLost, DeadlineExceeded, Interrupted, LabError, QemuError,
                         is_disk_full)
 from lab.events import DeviceId, Event, Kind, Source
-from lab.guest import GuestBoot, LinuxGuest
+from lab.guest import GuestOs, for_scenario
 from lab.image import GuestImage
 from lab.machine import Machine
 from lab.observe import Observation
@@ -60,8 +59,6 @@ from lab.timeline import Timeline, device_matches
 from vdevice.topology import Device, HotplugMode, Placement, Topology
 
 DEFAULT_WAIT_S = 20.0
-GUEST_RULES_LINUX = ("linux-driver", "kernel-oops", "bugcheck", "audio")
-GUEST_RULES_WINDOWS = ("windows-pnp", "bugcheck", "audio")
 #: per iteration: the rules the run applied and their context (see lab.inspect)
 RULES_FILE = "rules.json"
 
@@ -126,12 +123,12 @@ class ScenarioRunner:
                  overrides: Overrides | None = None, attempts: int = 1,
                  every_attempt: bool = False, record: str | None = None,
                  shard: dict[str, Any] | None = None, jobs: int = 1,
-                 guest: GuestBoot | None = None) -> None:
+                 guest: GuestOs | None = None) -> None:
         # --shard K/N (lab.shard): which part of the sweep this run is, for merge
         self.shard = shard
         # what the CLI changed (already applied to ``scenario``): recorded for replay
         self.overrides = overrides or Overrides()
-        # ``guest``: a prepared boot strategy (tests: lab.windows.simulated); it must be
+        # ``guest``: a prepared boot strategy (tests: lab.guest.windows.simulated); it must be
         # of the OS the scenario was validated for, whose steps and rules it gets
         if guest is not None and guest.os != scenario.guest.os:
             raise LabError(f"the scenario is for a {scenario.guest.os} guest; the guest given "
@@ -246,12 +243,12 @@ class ScenarioRunner:
             info = RunInfo(
                 scenario=self.scenario.name, accelerator=acc,
                 versions={"rebalab": _version(), "qemu": self._qemu_version(),
-                          **self._guest_versions()},
+                          **self.guest.versions()},
                 topology=self.topology.to_json(), seed=self.scenario.seed,
                 started_at=self.started_at,
                 ended_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 status=run_status, stopped_at=stopped_at, error=error, guest=self.guest.os,
-                guest_image_sha256=self._guest_image_hash(),
+                guest_image_sha256=self.guest.image_hash(),
                 alignment_bound_ns=max(known) if known else None,
                 parameters=self.scenario.to_json().get("parameters", {}),
                 scenario_file=self.scenario.file, shard=self.shard)
@@ -280,54 +277,14 @@ class ScenarioRunner:
 
     # ---- the guest ---------------------------------------------------------------------
     @staticmethod
-    def _guest_boot(scenario: Scenario, image: GuestImage | None, accel: str | None) -> GuestBoot:
-        """The scenario's guest, checked before any run directory or VM exists.
-
-        A Windows guest is refused here when it cannot run on this host (no KVM), or
-        when the scenario needs what its agent cannot do (background commands over
-        WinRM, which has no streaming channel), so nothing half-runs.
-        """
-        if scenario.guest.os == "linux":
-            return LinuxGuest(image or GuestImage.load())
-        from lab import qemu_caps
-        from lab.guest import WindowsGuest
-
-        assert scenario.guest.image is not None    # the GuestSpec validator ensures it
-        from lab.tracers.windows.config import from_spec
-        trace = scenario.guest.trace
-        guest = WindowsGuest(scenario.guest.image, scenario.guest.agent_kind,
-                             probe_image=image,
-                             trace_config=from_spec(trace, device=trace.device if trace else None))
-        if guest.agent_kind == "winrm":
-            sweep = scenario.sweep()
-            # step types do not vary with parameter values: iteration 0 shows them all
-            bg = next((st for st in _walk(sweep.iteration(0).steps)
-                       if isinstance(st, Guest) and st.background), None) if len(sweep) else None
-            if bg is not None:
-                raise LabError(f"{bg.where}: a background guest command needs a streaming "
-                               "agent; WinRM has none. Use the Windows OpenSSH agent "
-                               "(guest: {os: windows, image: ..., agent: ssh})")
-        guest.choose_accel(qemu_caps.find_binary(), accel)   # KVM or a clear refusal
-        return guest
-
-    def _guest_versions(self) -> dict[str, str]:
-        if isinstance(self.guest, LinuxGuest):
-            return {"kernel": self.guest.image.kernel_release}
-        win = self.guest.describe_image().get("windows") or {}
-        return {"windows": " ".join(str(v) for v in (win.get("edition"), win.get("build"),
-                                                     win.get("ubr")) if v) or "?"}
-
-    def _guest_image_hash(self) -> str | None:
-        if isinstance(self.guest, LinuxGuest):
-            return self.guest.image.input_hash
-        return None
-
-    @property
-    def image(self) -> GuestImage:
-        """The built-in Linux image (Linux guests only)."""
-        if isinstance(self.guest, LinuxGuest):
-            return self.guest.image
-        raise LabError("this run boots a Windows guest, not the built-in Linux image")
+    def _guest_boot(scenario: Scenario, image: GuestImage | None, accel: str | None) -> GuestOs:
+        """The scenario's guest, checked before any run directory or VM exists
+        (``lab.guest.for_scenario``: a guest that cannot run on this host, or a step its
+        agent cannot do, is refused here, so nothing half-runs)."""
+        sweep = scenario.sweep()
+        # step types do not vary with parameter values: iteration 0 shows them all
+        steps = list(_walk(sweep.iteration(0).steps)) if len(sweep) else []
+        return for_scenario(scenario.guest, steps, image=image, accel=accel)
 
     def _accel_name(self) -> str:
         return getattr(getattr(self, "_accel", None), "name", None) or "unknown"
@@ -405,10 +362,9 @@ class ScenarioRunner:
 
     def _check_snapshot_reset(self) -> None:
         """``reset: snapshot`` is refused, with the reason, where it is not verified."""
-        if self.guest.os != "linux":
-            raise LabError("reset: snapshot is verified on the built-in Linux guest only "
-                           "(a Windows guest's agent and ETW session across a restore are "
-                           "not); use reset: reboot or replug")
+        why = self.guest.snapshot_refusal()
+        if why is not None:
+            raise LabError(why)
         if self.recorder is not None:
             raise LabError("reset: snapshot and --record do not go together: a recording "
                            "starts at boot, a restored VM did not boot")
@@ -616,8 +572,7 @@ class ScenarioRunner:
         return out
 
     def _final_rules(self, tl: Timeline, it_dir: Path | None = None) -> list[Violation]:
-        default = GUEST_RULES_LINUX if self.guest.os == "linux" else GUEST_RULES_WINDOWS
-        ids = list(self.scenario.rules) if self.scenario.rules else list(default)
+        ids = list(self.scenario.rules) if self.scenario.rules else list(self.guest.default_rules)
         ctx = self._context(tl)
         if it_dir is not None:
             # the selection and context beside the timeline: `rebalab inspect RUN_DIR`
@@ -633,8 +588,8 @@ class ScenarioRunner:
                  if e.device and e.device.qom}
         devices += tuple(DeviceId(qom=q) for q in sorted(extra)
                          if not any(d.qom == q for d in devices))
-        # Windows: the PnP instance ids the plug waits reported (device and function
-        # devnode) name the same devices under test
+        # the guest's own names the plug waits reported (a PnP instance id, an HDA
+        # function devnode's) name the same devices under test
         for e in tl.select(kinds=Kind.BOUND):
             if e.source == Source.HOST_LAB and e.device and e.device.qom:
                 for inst in (e.device.instance, e.data.get("function_instance")):
@@ -646,8 +601,8 @@ class ScenarioRunner:
             if drv and e.device and e.device.qom:
                 from vdevice.catalog import MODELS
                 model = MODELS.get(drv)
-                if model and model.linux_driver:
-                    drivers[model.linux_driver] = e.device.qom
+                for name in (self.guest.driver_names(model) if model else ()):
+                    drivers[name] = e.device.qom
         # cold devices were bound by the guest at boot, before any tracing began: their
         # first remove in an iteration is no remove without probe
         cold = frozenset(d.id for d in self.topology.devices if d.placement == Placement.COLD)
@@ -759,8 +714,8 @@ class ScenarioRunner:
         if isinstance(step, Guest):
             return self._guest(m, st, step)
         if isinstance(step, Module):
-            return kmod.apply(m, kmod.ModuleRequest(step.name, step.param_text(),
-                                                    reload=step.reload, unload=step.unload))
+            return m.guest.load_module(m, step.name, step.param_text(), reload=step.reload,
+                                       unload=step.unload)
         if isinstance(step, Sleep):
             time.sleep(step.duration.seconds)
             return None
@@ -868,7 +823,7 @@ class ScenarioRunner:
 
     def _signal(self, m: Machine, step: Play) -> str:
         """The signal file in the guest: written and copied once per VM and variant."""
-        from lab.audio_player import signal_name, write_signal_file
+        from lab.guest.audio_player import signal_name, write_signal_file
 
         assert m.agent is not None and m.private is not None
         player = self.guest.audio_player()
@@ -944,7 +899,7 @@ class ScenarioRunner:
         from lab.tracers.kernel_log import events_from_console
 
         host = [e for e in self.run.events if e.t_host_ns >= st.started_ns]
-        guest = st.obs.tracer.snapshot() if st.obs.tracer else []
+        guest = st.obs.guest.received()
         lines = [(ln.t_host_ns, ln.text) for ln in (m.console.lines(st.obs._console_cursor)
                                                      if m.console else [])]
         return host + guest + events_from_console(lines)

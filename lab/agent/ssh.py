@@ -450,8 +450,8 @@ class SshAgent(Agent):
     def put(self, local: Path, remote: str) -> None:
         if self._windows():
             # Windows OpenSSH runs PowerShell, where `cat` is Get-Content (text, not
-            # bytes): SFTP, or base64 chunks through PowerShell (lab/windows/ssh_copy.py)
-            from lab.windows.ssh_copy import windows_put
+            # bytes): SFTP, or base64 chunks through PowerShell (lab/guest/windows/ssh_copy.py)
+            from lab.guest.windows.ssh_copy import windows_put
 
             windows_put(self._transport, self, local, remote,
                         timeout=seconds("guest_command"), log=self._log)
@@ -462,7 +462,7 @@ class SshAgent(Agent):
 
     def get(self, remote: str, local: Path) -> None:
         if self._windows():
-            from lab.windows.ssh_copy import windows_get
+            from lab.guest.windows.ssh_copy import windows_get
 
             windows_get(self._transport, self, remote, local,
                         timeout=seconds("guest_command"), log=self._log)

@@ -297,10 +297,10 @@ def normalise_ntstatus(value: str) -> str:
 def _table_name(code: int) -> str | None:
     """The ``CM_PROB_*`` name from the lab's one table (``pnp_state.CM_PROB``, cfg.h).
 
-    Imported when first needed: ``lab.tracers.windows`` loads the live tracers, which
+    Imported when first needed: ``lab.guest.windows.trace`` loads the live tracers, which
     may load this module.
     """
-    mod = importlib.import_module("lab.tracers.windows.pnp_state")
+    mod = importlib.import_module("lab.guest.windows.trace.pnp_state")
     name = mod.problem_name(code)
     return name if isinstance(name, str) else None
 

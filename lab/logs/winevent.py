@@ -1,6 +1,6 @@
 """Windows event logs in the forms people export them, as Events (Kernel-PnP first).
 
-Every form is turned into the record dicts ``lab.tracers.windows.etw.RecordMapper``
+Every form is turned into the record dicts ``lab.guest.windows.trace.etw.RecordMapper``
 takes (the keys of the live tracer's decode script: Id, ProviderName, ProviderId,
 Version, Level, Task, Opcode, Keywords, RecordId, TimeCreatedFileTime/TimeCreatedUtc,
 ActivityId, ProcessId, ThreadId, Properties (positional), Data (field name -> string)),
@@ -81,8 +81,8 @@ from defusedxml import DefusedXmlException  # type: ignore[import-untyped]
 
 from lab.events import Event, Source
 from lab.logs.base import LogFormatError, LogInput, Tally
-from lab.tracers.windows.common import FILETIME_UNIX_OFFSET, flagged
-from lab.tracers.windows.etw import EventMap, RecordMapper
+from lab.guest.windows.trace.common import FILETIME_UNIX_OFFSET, flagged
+from lab.guest.windows.trace.etw import EventMap, RecordMapper
 
 #: an event's XML larger than this is abandoned (counted not understood)
 MAX_EVENT_CHARS = 1 << 20

@@ -29,10 +29,9 @@ from lab.scenario.model import (ScenarioFile, Scenario, TopologyLike, TopologyRe
                                 TopologyResolver, TraceSpec, parse_limits)
 from lab.scenario.params import (GridParam, Param, Scalar, check_refs, find_refs, format_value,
                                  parse_parameters, substitute)
-from lab.scenario.steps import (AssertCount, AssertNoKind, AssertRule, Guest, Module,
+from lab.scenario.steps import (AssertCount, AssertNoKind, AssertRule, Guest,
                                 ParseContext, Parallel, Play, Plug, RebalanceBase,
-                                RebalanceCpuHotplug, RebalancePressure, RebalanceRescan,
-                                RebalanceResize, RebalanceWdtf, Step,
+                                RebalanceCpuHotplug, RebalancePressure, Step,
                                 Unplug, WaitEvent, WaitJob, WaitPcm, WaitQmp, check_known_rule,
                                 parse_step, walk)
 from vdevice.errors import SpecError
@@ -153,62 +152,23 @@ def validate_text(text: str, filename: str, resolve_topology: TopologyResolver, 
     return scenario
 
 
-# steps that only a Linux guest can do, and what to use on Windows instead
-LINUX_ONLY: dict[type, str] = {
-    Module: "module loads a Linux kernel module; a Windows guest gets its driver installed "
-            "into the image (rebalab image windows --driver PATH)",
-    RebalanceRescan: "the rescan trigger is Linux sysfs (remove + rescan); to make Windows "
-                     "stop and restart the device (with new resources) use "
-                     "rebalance: {trigger: wdtf, device: ..., action: rebalance}",
-    RebalanceResize: "the resize trigger reads the device's capabilities from Linux sysfs",
-}
-# and the other way round
-WINDOWS_ONLY: dict[type, str] = {
-    RebalanceWdtf: "the wdtf trigger drives WDTF, Windows' driver test framework; on Linux "
-                   "use the rescan trigger",
-}
-#: why cpu-hotplug is refused on Windows 10/11: learn.microsoft.com/windows-hardware/
-#: drivers/install/devpkey-device-dhp-rebalance-policy ("On a dynamically partitionable
-#: server that is running Windows Server 2008 or later versions of Windows Server, the
-#: operating system initiates a system-wide resource rebalance whenever a new processor
-#: is dynamically added")
-CPU_HOTPLUG_CLIENT = ("Windows rebalances resources after a processor hot-add only on a "
-                      "dynamically partitionable server running Windows Server "
-                      "(DEVPKEY_Device_DHP_Rebalance_Policy); {what} is not one, so this "
-                      "trigger would exercise nothing: use rebalance: {{trigger: wdtf, "
-                      "action: rebalance}}")
-
-
 def check_guest_steps(scenario: Scenario) -> None:
     """Refuse steps the scenario's guest cannot do, naming the step's line (SpecError).
 
     Called on every validated scenario, and again when ``--guest`` changes the guest.
-    ``cpu-hotplug`` on Windows needs a Windows Server image (its manifest's edition).
+    The guest OS says which steps it refuses and why (``GuestOs.refused_step``).
     """
+    from lab.guest.spec import guest_class
+
     sweep = scenario.sweep()
     if not len(sweep):
         return
-    refused = LINUX_ONLY if scenario.guest.os != "linux" else WINDOWS_ONLY
+    guest = guest_class(scenario.guest.os)
     for step in walk(sweep.iteration(0).steps):
-        why = next((w for cls, w in refused.items() if isinstance(step, cls)), None)
-        if why is None and scenario.guest.os == "windows" and isinstance(step, RebalanceCpuHotplug):
-            why = _cpu_hotplug_on_windows(scenario.guest.image)
+        why = guest.refused_step(step, scenario.guest)
         if why is not None:
             raise SpecError(f"not for a {scenario.guest.os} guest: {why}", file=scenario.file,
                             line=step.line, field=step.path)
-
-
-def _cpu_hotplug_on_windows(image: str | None) -> str | None:
-    """None when the image is a Windows Server edition (by its manifest), else the reason."""
-    from lab.windows.image import image_edition
-
-    edition = image_edition(Path(image)) if image else None
-    if edition is not None and edition.is_server:
-        return None
-    what = (f"{edition.key} ({edition.image_name})" if edition is not None else
-            "an image whose edition is unknown (no manifest from `rebalab image windows` next "
-            "to it)")
-    return CPU_HOTPLUG_CLIENT.format(what=what)
 
 
 def _trace_files(located: Located, trace: TraceSpec, base: Path) -> TraceSpec:
@@ -232,7 +192,6 @@ def check_trace_device(scenario: Scenario) -> Scenario:
     trace = scenario.guest.trace
     if trace is None:
         return scenario
-    from lab.tracers.windows.config import default_device
     from vdevice.catalog import MODELS, Role
 
     known: list[str] = list(scenario.topology.device_ids())
@@ -248,7 +207,9 @@ def check_trace_device(scenario: Scenario) -> Scenario:
     where = scenario.located
     if trace.device is not None and trace.device not in known:
         raise where.error(unknown("device", trace.device, sorted(set(known))), path)
-    device = default_device(trace, audio)
+    # the trace belongs to the device named, else to the only audio device
+    distinct = list(dict.fromkeys(audio))
+    device = trace.device or (distinct[0] if len(distinct) == 1 else None)
     if device is None:
         raise where.error("trace: name the device whose driver writes this trace (guest.trace."
                           "device: ID in the scenario); "

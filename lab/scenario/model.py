@@ -70,7 +70,7 @@ class TraceProviderSpec(Spec):
     @classmethod
     def _guid(cls, v: str) -> str:
         from lab.errors import ConfigError
-        from lab.tracers.windows.common import validate_guid
+        from lab.guest.windows.trace.common import validate_guid
         try:
             return validate_guid(v)
         except ConfigError as exc:
@@ -108,7 +108,7 @@ class TraceProviderSpec(Spec):
 
 
 class TracePatternSpec(Spec):
-    """A driver message pattern: ``{regex, kind, phase}`` (lab.tracers.windows.wpp)."""
+    """A driver message pattern: ``{regex, kind, phase}`` (lab.guest.windows.trace.wpp)."""
 
     regex: Str
     kind: Literal["query-stop", "stop", "cancel-stop", "start", "surprise-removal",
@@ -153,7 +153,7 @@ class TraceSpec(Spec):
         if v is None:
             return v
         from lab.errors import ConfigError
-        from lab.tracers.windows.common import validate_guest_path
+        from lab.guest.windows.trace.common import validate_guest_path
         try:
             return validate_guest_path(v)
         except ConfigError as exc:

@@ -278,7 +278,7 @@ class RebalanceResize(RebalanceBase):
 
 class RebalanceWdtf(RebalanceBase):
     """Windows only: have WDTF's Enhanced Device Testing filter put ``device`` through a
-    documented PnP sequence (``lab.windows.wdtf``), as Microsoft's HLK PnP tests do.
+    documented PnP sequence (``lab.guest.windows.wdtf``), as Microsoft's HLK PnP tests do.
 
     ``action``: ``restart`` (QUERY_STOP, STOP, START with the same resources),
     ``rebalance`` (the same, forced onto new resources: the host checks a BAR moved),
@@ -301,7 +301,7 @@ class RebalanceWdtf(RebalanceBase):
     def _instance(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from lab.tracers.windows.common import looks_like_instance_id
+        from lab.guest.windows.trace.common import looks_like_instance_id
         if not looks_like_instance_id(v):
             raise ValueError(f"{v!r} is not a device instance id (ENUMERATOR\\DEVICE-ID\\INSTANCE, "
                              "as Get-PnpDevice shows it)")
@@ -320,7 +320,7 @@ REBALANCE_TRIGGERS: dict[str, type[RebalanceBase]] = {
 #: What each trigger does and does not exercise, per guest OS: the one table behind
 #: ``rebalab rebalance --help``, the README's "Rebalance triggers" and the validator's
 #: refusals. Sources are cited where the code relies on them (lab/rebalance.py,
-#: lab/windows/wdtf.py).
+#: lab/guest/windows/wdtf.py).
 TRIGGER_EXERCISES: dict[str, dict[str, str]] = {
     "rescan": {
         "linux": "removes the device's port in sysfs and rescans: windows and BARs assigned "

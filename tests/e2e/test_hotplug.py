@@ -40,7 +40,7 @@ def test_plug_binds_driver_and_unplug_removes(machine: Machine, model: str, driv
     bdf = r.details["bdf"]
     assert r.durations_ms["bound"] > 0
     # independent check, not the operation's own waiter
-    assert ops.guest_driver(machine, bdf) == driver
+    assert machine.guest.driver_of(machine, "snd0") == driver
     assert ops.qom_has(machine, "snd0")
     u = ops.unplug(machine, "snd0")
     expected = "DEVICE_DELETED" if dev.catalog().emits_device_deleted else "qom-list"

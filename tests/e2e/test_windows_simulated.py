@@ -8,7 +8,7 @@ check), ``Observation`` with ``WindowsTracer`` (ETW/WPP sessions, clock exchange
 decoding, parsing), the timeline's Windows alignment, the Windows PnP rules, and
 summary.json / junit.xml / report.html.
 
-What is scripted: every answer of the "Windows guest" (``lab.windows.simulated``): the
+What is scripted: every answer of the "Windows guest" (``lab.guest.windows.simulated``): the
 pinned PowerShell scripts are answered in Microsoft's documented formats, from a
 per-case guest script (``CASES``: the driver's WPP messages in the PortCls patterns,
 WDTF's outcome). The guest's clock runs 2.75 s behind the host's, so the messages land
@@ -33,8 +33,8 @@ import pytest
 from lab.image import GuestImage
 from lab.runner import ScenarioRunner, load_scenario
 from lab.scenario.overrides import Overrides
-from lab.tracers.windows.config import GUEST_TMF, from_spec
-from lab.windows.simulated import SIMULATION_NOTE, DriverLine, SimulatedWindowsGuest, WindowsCase
+from lab.guest.windows.trace.config import GUEST_TMF, from_spec
+from lab.guest.windows.simulated import SIMULATION_NOTE, DriverLine, SimulatedWindowsGuest, WindowsCase
 from tests.e2e.conftest import ARTIFACTS
 
 SCENARIO = Path(__file__).parent / "data" / "windows_sim" / "wdtf-simulated.yaml"
@@ -147,7 +147,7 @@ def test_without_the_clock_exchange_the_violation_lands_elsewhere(
     script: when the guest's clock exchange lies (it claims the guest is not behind the
     host), the same slow QUERY_STOP is still found, but 2.75 s early, outside the WDTF
     operation. So the phase asserted above is what the alignment earned."""
-    from lab.windows import simulated
+    from lab.guest.windows import simulated
 
     def lying_clock(self: simulated.SimulatedWindowsAgent, script: str, params: dict[str, str]) -> str:
         now = self.filetime(time.time_ns())               # the host's clock, not the guest's

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lab import audio_analysis as aa
-from lab.audio_player import (FAULT_FRAMES, LinuxAudioPlayer, WindowsAudioPlayer, player_for,
+from lab.guest.audio_player import (FAULT_FRAMES, LinuxAudioPlayer, WindowsAudioPlayer, player_for,
                               signal_name, signal_pcm, write_signal_file)
 
 

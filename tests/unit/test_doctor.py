@@ -55,7 +55,7 @@ def test_check_forms() -> None:
                                                      "fix": "do y", "warn": False, "seconds": 0.5,
                                                      "status": "fail"}
     # one Check type for both halves of the doctor
-    from lab import doctor_windows
+    from lab.guest.windows import doctor as doctor_windows
     assert doctor_windows.Check is Check
 
 
@@ -284,7 +284,7 @@ def test_cli_text_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_ovmf_matches_the_file_system() -> None:
-    from lab.windows.vmconfig import OvmfPaths
+    from lab.guest.windows.vmconfig import OvmfPaths
 
     p = OvmfPaths()
     c = doctor.check_ovmf()

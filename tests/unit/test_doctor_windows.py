@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from lab.agent.base import CommandResult
-from lab.doctor_windows import (
+from lab.guest.windows.doctor import (
     ADMIN,
     ETW_SESSION,
     KERNEL_PNP_IDS,
@@ -32,9 +32,9 @@ from lab.doctor_windows import (
     check_wdtf,
     windows_checks,
 )
-from lab.tracers.windows import clock_exchange
-from lab.tracers.windows.etw import EventMap
-from lab.windows.scripted_agent import FakeClock, ScriptedAgent, structured_stdout
+from lab.guest.windows.trace import clock_exchange
+from lab.guest.windows.trace.etw import EventMap
+from lab.guest.windows.scripted_agent import FakeClock, ScriptedAgent, structured_stdout
 from lab import clock
 from vdevice.catalog import MODELS
 
@@ -207,7 +207,7 @@ def test_windows_checks_report_a_dead_agent_instead_of_crashing() -> None:
 def test_every_pinned_script_fits_cmd_exe() -> None:
     """Over Windows OpenSSH commands go through cmd.exe (8191 characters)."""
     from lab.agent.powershell import POWERSHELL
-    from lab.windows import driver_check, pnp_wait
+    from lab.guest.windows import driver_check, pnp_wait
 
     scripts = [PS_VERSION, ADMIN, KERNEL_PNP_IDS, ETW_SESSION, TEST_SIGNING, WDTF,
                driver_check.state_script(HWIDS), pnp_wait.started("PCI\\VEN_8086&DEV_293E", 60),

@@ -37,7 +37,6 @@ from lab.guest import (
     LinuxGuest,
     PowerShellSshAgent,
     WindowsGuest,
-    _pem_thumbprint,
     hv_unsupported,
     parse_guest_spec,
 )
@@ -46,8 +45,9 @@ from lab.machine import Machine, MachineState
 from lab.rules import RuleContext, check_all
 from lab.rundir import RunDir
 from lab.timeline import Timeline
-from lab.windows import image as winimage
-from lab.windows.vmconfig import HV_ENLIGHTENMENTS, OvmfPaths, verify_qemu_args
+from lab.guest.windows import image as winimage
+from lab.guest.windows.boot import _pem_thumbprint
+from lab.guest.windows.vmconfig import HV_ENLIGHTENMENTS, OvmfPaths, verify_qemu_args
 from vdevice.presets import default_topology, switch_topology
 
 BINARY = qemu_caps.find_binary()
@@ -139,7 +139,7 @@ def test_machine_refuses_guest_and_image_together(run: RunDir) -> None:
 
 def test_linux_machine_keeps_its_image_and_records_the_guest(run: RunDir) -> None:
     m = Machine(default_topology(), run, image=FAKE_LINUX)
-    assert m.image is FAKE_LINUX and m.topology == default_topology()
+    assert m.guest.image is FAKE_LINUX and m.topology == default_topology()  # type: ignore[attr-defined]
     d = m.describe()
     assert d["guest"] == {"os": "linux", "agent": "ssh", "guest_port": 22}
     assert d["image"]["path"] == "/IMG"
@@ -370,7 +370,7 @@ class _NoQemu:
 
 
 def _record_qemu_img(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Record every host tool call of lab.windows.image (qemu-img), still running it."""
+    """Record every host tool call of lab.guest.windows.image (qemu-img), still running it."""
     calls: list[list[str]] = []
     real = winimage._run
 
@@ -719,8 +719,6 @@ def test_windows_topology_gets_enough_memory_and_cpus(tmp_path: Path, run: RunDi
     assert (m.topology.memory_mb, m.topology.cpus, m.topology.max_cpus) == (8192, 4, 4)
     m2 = Machine(default_topology(), run, guest=windows_guest(make_windows_image(tmp_path / "i2"), ovmf))
     assert (m2.topology.memory_mb, m2.topology.cpus, m2.topology.max_cpus) == (4096, 2, 3)
-    with pytest.raises(LabError, match="not the built-in Linux image"):
-        _ = m2.image
 
 
 # ---------------------------------------------------------------- parse_guest_spec
@@ -788,6 +786,6 @@ def test_uefi_needs_ovmf_installed(tmp_path: Path) -> None:
 
 
 def test_probe_hyperv_is_not_trusted_without_a_system_wide_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lab import guest
+    from lab.guest.windows import boot as guest
     monkeypatch.setattr(guest, "_kvm_extension", lambda cap: 0)
     assert guest.probe_hyperv(BINARY) is None

@@ -337,7 +337,7 @@ def test_sshd_config_fits_the_image():
     assert "sshd" in users
     init = (IMAGE_DIR / "rootfs/init").read_text()
     assert "mkdir -m 0755 /run/sshd" in init
-    assert "/usr/sbin/sshd -D -r -E /run/sshd.log" in init  # the log lab/guest.py collects
+    assert "/usr/sbin/sshd -D -r -E /run/sshd.log" in init  # the log lab/guest/ collects
 
 
 def _shell() -> list[str] | None:

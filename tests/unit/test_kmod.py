@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lab.agent.posix import PosixShell
-from lab.kmod import ModuleRequest, command
+from lab.guest.linux.kmod import ModuleRequest, command
 
 FAKE = """#!/bin/sh
 printf '%s\\n' "$(basename "$0")" "$@" >> "$KMOD_LOG"

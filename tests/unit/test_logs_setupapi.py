@@ -23,7 +23,7 @@ from lab.events import Event, Kind, Source
 from lab.logs.base import MAX_LINE_CHARS, LogFormatError, LogInput, Tally
 from lab.logs.setupapi import (MAX_BODY_LINES, PARSER, PARSERS, instance_in, looks_like_instance_id,
                                package_in, parse, parse_timestamp, problem_in, split_quote)
-from lab.tracers.windows import setupapi as tracer_setupapi
+from lab.guest.windows.trace import setupapi as tracer_setupapi
 from tests.unit.log_parsing import parse_checked, write_input
 
 DATA = Path(__file__).parent / "data" / "logs" / "setupapi"

@@ -1,5 +1,5 @@
 """Windows event logs as people export them (lab.logs.winevent) and the Kernel-PnP table
-(lab.tracers.windows.etw) they are mapped through.
+(lab.guest.windows.trace.etw) they are mapped through.
 
 The samples are real public ones (tests/unit/data/logs/winevent/PROVENANCE.md says where
 each comes from and what was changed); the values asserted here were read from the samples
@@ -30,7 +30,7 @@ from lab.logs.winevent import (
     parse_header_date,
     parse_iso,
 )
-from lab.tracers.windows import etw
+from lab.guest.windows.trace import etw
 from lab.logs.base import LogParser
 from tests.unit.log_parsing import parse_checked
 

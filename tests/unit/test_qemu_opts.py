@@ -11,8 +11,8 @@ import pytest
 from lab.accel import Accel
 from lab.machine import Machine
 from lab.rundir import RunDir
-from lab.windows import image as winimage
-from lab.windows import vmconfig
+from lab.guest.windows import image as winimage
+from lab.guest.windows import vmconfig
 from vdevice.presets import default_topology
 from vdevice.topology import qemu_opts
 

@@ -16,9 +16,9 @@ from lab import operations as ops
 from lab import rebalance as rb
 from lab.cli import build_parser
 from lab.scenario import validate_text
-from lab.scenario import loader
 from lab.scenario.steps import REBALANCE_TRIGGERS, TRIGGER_EXERCISES
-from lab.windows.scripted_agent import ScriptedAgent, structured_stdout
+from lab.guest.windows.scripted_agent import ScriptedAgent, structured_stdout
+from tests.unit.guest_fakes import behaviour
 from vdevice.errors import SpecError
 from vdevice.presets import default_topology
 from vdevice.topology import HotplugMode
@@ -105,7 +105,8 @@ def test_the_validator_no_longer_recommends_pressure_or_cpu_hotplug_to_windows(t
     e = _refused(tmp_path, _scenario(tmp_path, "rebalance: {trigger: rescan, device: snd0}"))
     assert "trigger: wdtf" in str(e)
     assert "pressure" not in str(e) and "cpu-hotplug" not in str(e)
-    for why in loader.LINUX_ONLY.values():
+    from lab.guest.windows.boot import _refusals
+    for why in _refusals().values():
         assert "pressure or cpu-hotplug" not in why and "rebalances on its own" not in why
 
 
@@ -150,9 +151,6 @@ class FakeRun:
         pass
 
 
-@dataclass
-class FakeGuest:
-    os: str = "windows"
 
 
 class FakeQmp:
@@ -172,7 +170,7 @@ class FakeMachine:
         self.topology = default_topology(HotplugMode.NATIVE, model="AC97")
         self.present = {"snd0"}
         self.agent = agent
-        self.guest = FakeGuest()
+        self.guest = behaviour("windows")
         self.run = FakeRun()
         self.qmp = FakeQmp()
 

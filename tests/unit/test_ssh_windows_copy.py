@@ -34,8 +34,8 @@ from paramiko.sftp import SFTP_FAILURE, SFTP_OK, SFTP_OP_UNSUPPORTED
 from lab.agent.powershell import FILE_PUT_CHUNK, decode_encoded_command, script_params
 from lab.errors import AgentError
 from lab.guest import PowerShellSshAgent
-from lab.windows import ssh_copy
-from lab.windows.scripted_agent import structured_stdout
+from lab.guest.windows import ssh_copy
+from lab.guest.windows.scripted_agent import structured_stdout
 
 # all 256 byte values, CR LF and lone LF and CR, runs of NUL, and a UTF-16 BOM: what a
 # text pipeline (Get-Content / Set-Content) would change

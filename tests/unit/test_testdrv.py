@@ -30,7 +30,7 @@ sys.path.insert(0, str(IMAGE_DIR))
 from guestimg import cpio, testdrv  # noqa: E402
 
 BUG_MODES = ("none", "no-drain", "slow-remove", "stale-bar")
-TRACED = ("rebalab_testdrv_probe", "rebalab_testdrv_remove")  # lab/tracers/linux.py DRIVER_FUNCS
+TRACED = ("rebalab_testdrv_probe", "rebalab_testdrv_remove")  # lab/guest/linux/kprobes.py DRIVER_FUNCS
 
 
 def _src() -> str:

@@ -1,4 +1,4 @@
-"""The wdtf trigger: WDTF's Enhanced Device Testing over the agent (lab.windows.wdtf),
+"""The wdtf trigger: WDTF's Enhanced Device Testing over the agent (lab.guest.windows.wdtf),
 checked with the scripted agent against the pinned scripts, and the host's proof of a
 real BAR move (lab.rebalance.wdtf)."""
 
@@ -17,11 +17,12 @@ from lab import rebalance as rb
 from lab.agent.powershell import POWERSHELL
 from lab.errors import ConfigError, LabError
 from lab.pci_state import Change
-from lab.tracers.windows.common import render_scripts
-from lab.windows import image as winimage
-from lab.windows import vmconfig
-from lab.windows import wdtf as W
-from lab.windows.scripted_agent import ScriptedAgent, structured_stdout
+from lab.guest.windows.trace.common import render_scripts
+from lab.guest.windows import image as winimage
+from lab.guest.windows import vmconfig
+from lab.guest.windows import wdtf as W
+from tests.unit.guest_fakes import behaviour
+from lab.guest.windows.scripted_agent import ScriptedAgent, structured_stdout
 from tests.unit.test_windows_image import (PASSWORD, DirMedia, SimulatedInstall, fake_caps,
                                            fake_qemu_img, iso, ovmf)
 from vdevice.presets import default_topology
@@ -41,7 +42,7 @@ def test_pinned_scripts_match_the_golden_file() -> None:
         GOLDEN.write_text(text, encoding="utf-8")
     assert text == GOLDEN.read_text(encoding="utf-8"), (
         "the WDTF scripts changed: review them against the WDTF pages cited in "
-        "lab/windows/wdtf.py, then regenerate with REBALAB_UPDATE_GOLDEN=1")
+        "lab/guest/windows/wdtf.py, then regenerate with REBALAB_UPDATE_GOLDEN=1")
 
 
 def test_every_script_fits_a_cmd_exe_command_line() -> None:
@@ -156,9 +157,6 @@ class FakeRun:
         pass
 
 
-@dataclass
-class FakeGuest:
-    os: str = "windows"
 
 
 class FakeMachine:
@@ -166,7 +164,7 @@ class FakeMachine:
         self.topology = default_topology(HotplugMode.NATIVE, model="AC97")
         self.present = {"snd0"}
         self.agent = agent
-        self.guest = FakeGuest(os_name)
+        self.guest = behaviour(os_name)
         self.run = FakeRun()
 
     def require_running(self) -> None:
@@ -318,7 +316,7 @@ def test_build_fails_when_wdtf_did_not_install(tmp_path: Path, iso: Path, ovmf: 
 def test_cli_takes_wdtf(tmp_path: Path) -> None:
     import argparse
 
-    from lab.windows import cli as wincli
+    from lab.guest.windows import cli as wincli
 
     p = argparse.ArgumentParser()
     wincli.add_image_parser(p.add_subparsers(dest="command"))

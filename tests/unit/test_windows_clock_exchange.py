@@ -17,11 +17,11 @@ import pytest
 
 from lab import clock
 from lab.errors import LabError
-from lab.observe import windows_alignment
-from lab.tracers.windows import clock_exchange
-from lab.tracers.windows.common import FILETIME_UNIX_OFFSET
-from lab.tracers.windows.tracer import WindowsTraceConfig, WindowsTracer
-from lab.windows.scripted_agent import FakeClock, ScriptedAgent, structured_stdout
+from lab.guest.windows.observation import start_alignment as windows_alignment
+from lab.guest.windows.trace import clock_exchange
+from lab.guest.windows.trace.common import FILETIME_UNIX_OFFSET
+from lab.guest.windows.trace.tracer import WindowsTraceConfig, WindowsTracer
+from lab.guest.windows.scripted_agent import FakeClock, ScriptedAgent, structured_stdout
 
 MS = 1_000_000
 TRUE_OFFSET = 3_217_654_321          # host - guest, ns

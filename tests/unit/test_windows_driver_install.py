@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.windows import driver_check
-from lab.windows.driver_check import DeviceDriver, DriverNotBound
-from lab.windows.scripted_agent import ScriptedAgent, structured_stdout
+from lab.guest.windows import driver_check
+from lab.guest.windows.driver_check import DeviceDriver, DriverNotBound
+from lab.guest.windows.scripted_agent import ScriptedAgent, structured_stdout
 from vdevice.catalog import MODELS
 
 PROVISION = Path(__file__).parents[2] / "images" / "windows" / "provision.ps1"

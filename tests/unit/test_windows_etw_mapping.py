@@ -4,7 +4,7 @@ as FILETIME, Data = EventData by the manifest's field names).
 
 Field names per event are from the published manifest dumps the table cites
 (repnz/etw-providers-docs, builds 10240-18990) and the message strings of
-microsoft-windows-kernel-pnp-events.dll (libyal/winevt-kb); see lab/tracers/windows/etw.py.
+microsoft-windows-kernel-pnp-events.dll (libyal/winevt-kb); see lab/guest/windows/trace/etw.py.
 
 1. ``Device`` is among the instance fields (803-806, 830-832, 850/851 carry it).
 2. 219 "The driver %5 failed to load for the device %2" is mapped (the device is in
@@ -23,7 +23,7 @@ import pytest
 from lab.events import DeviceId, Kind
 from lab.rules import RuleContext, check_all
 from lab.timeline import Timeline
-from lab.tracers.windows import etw
+from lab.guest.windows.trace import etw
 
 DEV = "PCI\\VEN_8086&DEV_293E&SUBSYS_11001AF4&REV_03\\3&267A616A&0&D8"
 ROOT = "PCI\\VEN_8086&DEV_29C0&SUBSYS_11001AF4&REV_00\\3&267A616A&0&00"

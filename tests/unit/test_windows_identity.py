@@ -14,7 +14,8 @@ from lab.observe import device_bindings
 from lab.rules import check_all
 from lab.runner import ScenarioRunner
 from lab.timeline import Timeline
-from lab.windows.pnp_wait import parse_started
+from lab.guest.windows.pnp_wait import parse_started
+from tests.unit.guest_fakes import behaviour
 from vdevice.presets import default_topology
 from vdevice.topology import HotplugMode
 
@@ -43,7 +44,7 @@ def _violations(with_identity: bool) -> list[tuple[str, str]]:
     evs = _events(with_identity)
     tl = Timeline.build(evs, devices=device_bindings(evs))
     runner = SimpleNamespace(topology=default_topology(HotplugMode.ACPI),
-                             scenario=SimpleNamespace(limits={}))
+                             scenario=SimpleNamespace(limits={}), guest=behaviour("windows"))
     ctx = ScenarioRunner._context(runner, tl)                   # type: ignore[arg-type]
     return [(v.rule, v.device) for v in check_all(tl, ctx, ["windows-pnp"])]
 

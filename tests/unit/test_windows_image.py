@@ -19,11 +19,11 @@ from lab.agent.powershell import JSON_MARKER, PowerShell
 from lab.agent.base import Agent, CommandResult
 from lab.errors import ConfigError, EnvironmentProblem, LabError
 from lab.events import Kind
-from lab.windows import cli as wincli
-from lab.windows import image as winimage
-from lab.windows import vmconfig
-from lab.windows.dumps import collect_dumps
-from lab.windows.panic import describe_guest_panicked, panic_event
+from lab.guest.windows import cli as wincli
+from lab.guest.windows import image as winimage
+from lab.guest.windows import vmconfig
+from lab.guest.windows.dumps import collect_dumps
+from lab.guest.panic import describe_guest_panicked, panic_event
 from vdevice.inventory import QemuInventory
 
 PASSWORD = "Secret-Pa55<&>'\"word"

@@ -12,8 +12,8 @@ import pytest
 
 from lab.errors import ConfigError
 from lab.events import Event, Kind, Source
-from lab.tracers.windows import etw, pnp_state, setupapi, wpp
-from lab.tracers.windows.common import (
+from lab.guest.windows.trace import etw, pnp_state, setupapi, wpp
+from lab.guest.windows.trace.common import (
     TraceParseError,
     filetime_to_unix_ns,
     iso_to_unix_ns,

@@ -1,4 +1,4 @@
-"""The PnP waits a Windows guest gets for plug/unplug (lab/windows/pnp_wait.py).
+"""The PnP waits a Windows guest gets for plug/unplug (lab/guest/windows/pnp_wait.py).
 
 Checked without Windows: the exact script (against the documented PnpDevice module:
 ``Get-PnpDevice -PresentOnly``, ``Status`` OK for a started device), that the hardware
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from lab.agent.powershell import script_params
-from lab.windows import pnp_wait
+from lab.guest.windows import pnp_wait
 from vdevice.catalog import MODELS
 
 HDA = MODELS["ich9-intel-hda"].windows_hwid or ""

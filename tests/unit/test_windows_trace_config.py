@@ -16,10 +16,11 @@ from lab.rules import RuleContext, check_all
 from lab.scenario import validate_text
 from lab.scenario.overrides import Overrides
 from lab.timeline import Timeline
-from lab.tracers.windows import wpp
-from lab.tracers.windows.config import GUEST_TMF, from_spec
-from lab.tracers.windows.tracer import WindowsTracer
-from lab.windows.scripted_agent import ScriptedAgent, structured_stdout
+from lab.guest.windows.trace import wpp
+from lab.guest.windows.trace.config import GUEST_TMF, from_spec
+from lab.guest.windows.trace.tracer import WindowsTracer
+from lab.guest.windows.scripted_agent import ScriptedAgent, structured_stdout
+from tests.unit.guest_fakes import behaviour
 from vdevice.errors import SpecError
 from vdevice.presets import default_topology
 from vdevice.topology import HotplugMode
@@ -295,7 +296,7 @@ def test_each_observation_traces_with_the_guests_config(base: Path, tmp_path: Pa
 
     from lab import guest as guest_mod
     from lab import observe
-    from lab.tracers.windows import tracer as tracer_mod
+    from lab.guest.windows.trace import tracer as tracer_mod
 
     assert "trace_config" in inspect.signature(guest_mod.WindowsGuest).parameters
     t = _validate(base, _text(GOOD)).guest.trace
@@ -320,15 +321,12 @@ def test_each_observation_traces_with_the_guests_config(base: Path, tmp_path: Pa
         def log(self, line: str) -> None:
             pass
 
-    class G:
-        os = "windows"
-        trace_config = cfg
 
     class M:
         artifacts = tmp_path
         console = Console()
         agent = object()
-        guest = G()
+        guest = behaviour("windows", trace_config=cfg)
         run = Run()
         qmp = None
         ssh_port = None

@@ -15,8 +15,8 @@ from lab.agent.base import Agent, CommandResult
 from lab.agent.powershell import JSON_MARKER, POWERSHELL, PowerShell, script_params
 from lab.errors import AgentError, ConfigError
 from lab.events import Kind, Source
-from lab.tracers.windows import wpp
-from lab.tracers.windows.tracer import WindowsTraceConfig, WindowsTracer, render_planned
+from lab.guest.windows.trace import wpp
+from lab.guest.windows.trace.tracer import WindowsTraceConfig, WindowsTracer, render_planned
 
 DATA = Path(__file__).parent / "data" / "windows"
 GOLDEN = DATA / "tracer_commands.golden"
@@ -37,7 +37,7 @@ def test_planned_commands_match_the_golden_file() -> None:
     assert GOLDEN.exists(), "run with REBALAB_UPDATE_GOLDEN=1 once to create the golden file"
     assert text == GOLDEN.read_text(encoding="utf-8"), (
         "the guest commands changed: review the diff against the Microsoft docs cited in "
-        "lab/tracers/windows/*.py, then regenerate with REBALAB_UPDATE_GOLDEN=1")
+        "lab/guest/windows/trace/*.py, then regenerate with REBALAB_UPDATE_GOLDEN=1")
 
 
 def test_every_planned_script_fits_a_cmd_exe_command_line() -> None:

@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from lab.errors import ConfigError
-from lab.windows import unattend
+from lab.guest.windows import unattend
 
 NS = unattend.NS
 PASSWORD = "P@ss<w&rd>'\"]]>"

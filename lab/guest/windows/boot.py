@@ -1,30 +1,14 @@
-"""Which guest a Machine boots, and everything that differs between guests.
+"""Windows guests: an image built by ``rebalab image windows``, reached over WinRM or
+Windows OpenSSH, traced with ETW, waited on with Get-PnpDevice, rebalanced with WDTF.
 
-A ``Machine`` owns what every guest shares (the QEMU process, QMP, the console and the
-sync/trace serial ports, the run directory, the shutdown ladder). A ``GuestBoot``
-supplies what differs per guest, as labgrid separates a strategy from the drivers it
-uses:
-
-* which accelerator it can run on (``choose_accel``: Windows refuses TCG),
-* what it checks before anything is created (``preflight``),
-* what it must have from the topology (``adjust_topology``: Windows needs >= 4 GiB),
-* per-machine files (``prepare``/``release``: the Windows copy-on-write overlay),
-* its QEMU arguments (``qemu_args``: boot + the NIC forwarding the agent port),
-* how readiness is seen (``wait_boot``/``wait_agent``) and which agent talks to it,
-* its polite shutdown step and what to collect before it (``shutdown_steps``,
-  ``before_stop``), and what a run records about it (``describe``).
-
-A ``GuestBoot`` is configuration only: the runner restarts VMs with the same object,
-so all per-machine state lives on the Machine (``MachineView``) or in the
-``BootFiles`` that ``prepare`` returns.
-
-``parse_guest_spec("linux" | "windows:<image>", agent)`` is what the CLI and scenarios
-call.
+The Windows path cannot be exercised end to end on the development hosts (no licence,
+no working nested KVM), so every piece here is built to be checked without Windows:
+pinned scripts, parsers of the formats Microsoft documents, and a scripted guest side
+(``lab.guest.windows.simulated``) that runs through the real pipeline.
 """
 
 from __future__ import annotations
 
-import abc
 import base64
 import hashlib
 import json
@@ -34,10 +18,10 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 
@@ -47,7 +31,6 @@ from lab.accel import Accel
 from lab.agent.base import Agent
 from lab.agent.powershell import POWERSHELL, build_script
 from lab.agent.ssh import SshAgent
-from lab.audio_player import AudioPlayer, LinuxAudioPlayer, WindowsAudioPlayer
 from lab.deadline import Deadline, seconds
 from lab.errors import (
     AgentError,
@@ -55,242 +38,63 @@ from lab.errors import (
     DeadlineExceeded,
     EnvironmentProblem,
     LabError,
-    QemuError,
 )
-from lab.events import Event
+from lab.guest.audio_player import AudioPlayer, WindowsAudioPlayer
+from lab.guest.base import (AGENTS, KEEP_DISK_CHOICES, READY_SLICE_S, AgentKind, BootFiles,
+                            DeviceWait, GuestArgs, GuestOs, GuestTrace, MachineView, OsName,
+                            ShutdownStep, TriggerHalves, check_machine)
 from lab.image import GuestImage
 from vdevice.inventory import QemuInventory
 from vdevice.topology import Placement, Topology
 
 if TYPE_CHECKING:
     from lab.agent.winrm import WinRmConfig, WinRmCredentials
-    from lab.console import Console
-    from lab.qemu_process import QemuProcess
-    from lab.qmp import QmpSession
-    from lab.tracers.windows.tracer import WindowsTraceConfig
-    from lab.windows.vmconfig import OvmfPaths
+    from lab.guest.windows.trace.tracer import WindowsTraceConfig
+    from lab.guest.windows.vmconfig import OvmfPaths
+    from lab.machine import Machine
+    from lab.scenario.model import GuestSpec
+    from lab.scenario.steps import Step
+    from vdevice.topology import Device
 
-GuestOs = Literal["linux", "windows"]
-AgentKind = Literal["ssh", "winrm"]
-KeepDisk = Literal["never", "on-panic", "always"]
-KEEP_DISK_CHOICES: tuple[str, ...] = ("never", "on-panic", "always")
-AGENTS: dict[str, tuple[str, ...]] = {"linux": ("ssh",), "windows": ("winrm", "ssh")}
-
-#: how long one readiness attempt may take before the Machine looks at QEMU again (a
-#: dead QEMU or a bug check must not cost the whole boot deadline). Long enough for a
-#: cold PowerShell start behind WinRM.
-READY_SLICE_S = 30.0
 #: the command line budget through OpenSSH on Windows, whose default shell is cmd.exe
 CMD_EXE_LIMIT = 8_191
 
-
-class GuestPanicked(LabError):
-    """QEMU reported GUEST_PANICKED (a Windows bug check via hv-crash, or pvpanic).
-
-    The driver's (or the guest's) fault, not the lab's: exit status 1, like a rule
-    violation. The event is already in the run's events, so the ``bugcheck`` check of
-    the kernel-oops rule reports it; callers catching this should end the iteration
-    as FAILED and let the rules run.
-    """
-
-    exit_code = 1
-
-    def __init__(self, event: Event) -> None:
-        self.event = event
-        bc = event.data.get("bugcheck") if isinstance(event.data, Mapping) else None
-        self.description = str(bc.get("description")) if isinstance(bc, Mapping) else "guest panicked"
-        super().__init__(f"the guest panicked: {self.description} (QMP GUEST_PANICKED)")
+#: why cpu-hotplug is refused on Windows 10/11: learn.microsoft.com/windows-hardware/
+#: drivers/install/devpkey-device-dhp-rebalance-policy ("On a dynamically partitionable
+#: server that is running Windows Server 2008 or later versions of Windows Server, the
+#: operating system initiates a system-wide resource rebalance whenever a new processor
+#: is dynamically added")
+CPU_HOTPLUG_CLIENT = ("Windows rebalances resources after a processor hot-add only on a "
+                      "dynamically partitionable server running Windows Server "
+                      "(DEVPKEY_Device_DHP_Rebalance_Policy); {what} is not one, so this "
+                      "trigger would exercise nothing: use rebalance: {{trigger: wdtf, "
+                      "action: rebalance}}")
 
 
-class MachineView(Protocol):
-    """What a guest strategy may read (and, for ``stopped_at``/``timings``, write) of a Machine."""
-
-    artifacts: Path
-    private: Path | None
-    ssh_port: int | None
-    accel: Accel | None
-    topology: Topology
-    timings: dict[str, float]
-    stopped_at: str | None
-    console: Console | None
-    qmp: QmpSession | None
-    process: QemuProcess | None
-    panic: Event | None
-
-    def log(self, message: str) -> None: ...
+def _refusals() -> dict[type, str]:
+    """Steps only a Linux guest can do, and what to use on Windows instead."""
+    from lab.scenario.steps import Module, RebalanceRescan, RebalanceResize
+    return {
+        Module: "module loads a Linux kernel module; a Windows guest gets its driver installed "
+                "into the image (rebalab image windows --driver PATH)",
+        RebalanceRescan: "the rescan trigger is Linux sysfs (remove + rescan); to make Windows "
+                         "stop and restart the device (with new resources) use "
+                         "rebalance: {trigger: wdtf, device: ..., action: rebalance}",
+        RebalanceResize: "the resize trigger reads the device's capabilities from Linux sysfs",
+    }
 
 
-@dataclass(frozen=True)
-class BootFiles:
-    """Files a guest made for one machine (``prepare``), handed back to ``release``."""
+def cpu_hotplug_refusal(image: str | None) -> str | None:
+    """None when the image is a Windows Server edition (by its manifest), else the reason."""
+    from lab.guest.windows.image import image_edition
 
-    disk: Path | None = None
-    vars_file: Path | None = None
-    created: tuple[Path, ...] = ()
-
-
-@dataclass(frozen=True)
-class GuestArgs:
-    """A guest's QEMU arguments, in two groups so the Linux command line keeps its order.
-
-    ``boot`` follows the machine/topology arguments; ``network`` follows the serial
-    ports. The NIC forwards ``127.0.0.1:<host port>`` to the guest's agent port only.
-    """
-
-    boot: tuple[str, ...]
-    network: tuple[str, ...]
-
-
-ShutdownStep = tuple[str, Callable[[], None]]
-
-
-def check_machine(m: MachineView) -> None:
-    """Raise if waiting on the guest is pointless: a bug check was reported or QEMU died."""
-    if m.panic is not None:
-        raise GuestPanicked(m.panic)
-    if m.process is not None and not m.process.alive():
-        raise QemuError(f"QEMU exited while the guest was booting (rc={m.process.returncode()}): "
-                        f"{m.process.stderr_tail()}")
-
-
-class GuestBoot(abc.ABC):
-    """What a Machine needs to know about the guest it boots. See the module docstring."""
-
-    os: GuestOs
-    agent_kind: AgentKind
-    guest_port: int
-
-    @abc.abstractmethod
-    def choose_accel(self, binary: str, want: str | None) -> Accel:
-        """The accelerator to run on; raise (creating nothing) if this guest cannot."""
-
-    def preflight(self, binary: str, inventory: QemuInventory, accel: Accel,
-                  log: Callable[[str], None]) -> None:
-        """Checks that must pass before any file or process is created."""
-
-    def adjust_topology(self, topology: Topology) -> Topology:
-        """The topology this guest can boot with (default: as given)."""
-        return topology
-
-    def prepare(self, m: MachineView) -> BootFiles:
-        """Per-machine files, made after the accelerator and preflight checks passed."""
-        return BootFiles()
-
-    @abc.abstractmethod
-    def qemu_args(self, m: MachineView, files: BootFiles) -> GuestArgs: ...
-
-    def wait_boot(self, m: MachineView) -> None:
-        """Wait for a boot milestone seen without the agent (Linux: the console marker)."""
-
-    @abc.abstractmethod
-    def make_agent(self, m: MachineView) -> Agent: ...
-
-    @abc.abstractmethod
-    def wait_agent(self, m: MachineView, agent: Agent) -> None:
-        """Block until ``agent`` answers, under this guest's deadline."""
-
-    def before_stop(self, m: MachineView, agent: Agent) -> None:
-        """Collect what only a live guest can give, before the shutdown ladder."""
-
-    @abc.abstractmethod
-    def shutdown_steps(self, m: MachineView, agent: Agent | None) -> list[ShutdownStep]:
-        """The polite rungs of the ladder, before QEMU's SIGTERM/SIGKILL."""
-
-    def release(self, m: MachineView, files: BootFiles) -> dict[str, Any]:
-        """Remove (or keep) ``prepare``'s files once QEMU is gone; returns what happened."""
-        return {}
-
-    @abc.abstractmethod
-    def describe(self) -> dict[str, Any]:
-        """What a run records about the guest (never a secret)."""
-
-    @abc.abstractmethod
-    def describe_image(self) -> dict[str, Any]: ...
-
-    @abc.abstractmethod
-    def audio_player(self) -> AudioPlayer:
-        """How this guest plays the lab's audio signal and knows its PCM is back."""
-
-
-# ================================================================ Linux
-
-class LinuxGuest(GuestBoot):
-    """The built-in Linux image: direct kernel boot, ready marker on ttyS0, OpenSSH sshd."""
-
-    os: GuestOs = "linux"
-    agent_kind: AgentKind = "ssh"
-    guest_port = 22
-
-    def __init__(self, image: GuestImage) -> None:
-        self.image = image
-
-    def choose_accel(self, binary: str, want: str | None) -> Accel:
-        return accel_mod.choose(binary, self.image, want=want)
-
-    def qemu_args(self, m: MachineView, files: BootFiles) -> GuestArgs:
-        cmdline = " ".join([self.image.cmdline, *m.topology.kernel_args])
-        return GuestArgs(
-            boot=("-kernel", str(self.image.kernel()), "-initrd", str(self.image.initrd),
-                  "-append", cmdline),
-            network=("-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{m.ssh_port}-:22",
-                     "-device", "virtio-net-pci,netdev=n0,bus=pcie.0"))
-
-    def wait_boot(self, m: MachineView) -> None:
-        assert m.console is not None and m.process is not None
-        t = time.monotonic()
-        m.console.wait_for(self.image.ready_marker, timeout=seconds("boot_marker"),
-                           what="the guest's ready marker on the serial console",
-                           alive=m.process.alive)
-        m.timings["boot_to_marker_s"] = time.monotonic() - t
-
-    def make_agent(self, m: MachineView) -> SshAgent:
-        assert m.ssh_port is not None
-        return SshAgent("127.0.0.1", m.ssh_port, str(self.image.ssh.get("user", "root")),
-                        self.image.ssh_key, self.image.host_key, log=m.log)
-
-    def wait_agent(self, m: MachineView, agent: Agent) -> None:
-        agent.wait_ready(seconds("agent_ready"))
-
-    def before_stop(self, m: MachineView, agent: Agent) -> None:
-        """Keep the guest's kernel log, and sshd's own log when SSH was ever lost
-        (the server's side of why a connection went down)."""
-        try:
-            text = agent.run("dmesg", timeout=10).stdout
-        except LabError:
-            return
-        (m.artifacts / "dmesg.txt").write_text(text)
-        if getattr(agent, "reconnects", 0):
-            try:
-                log = agent.run("cat /run/sshd.log", timeout=10).stdout
-            except LabError:
-                return
-            (m.artifacts / "sshd.log").write_text(log)
-
-    def shutdown_steps(self, m: MachineView, agent: Agent | None) -> list[ShutdownStep]:
-        steps: list[ShutdownStep] = []
-        if isinstance(agent, SshAgent):
-            ssh = agent
-            # fire and forget: poweroff -f takes the connection down with it
-            def poweroff() -> None:
-                ssh.open("poweroff -f")
-
-            steps.append(("guest-poweroff", poweroff))
-        if m.qmp is not None:
-            q = m.qmp
-            steps.append(("qmp-quit", lambda: q.execute("quit", timeout=2)))
-        return steps
-
-    def describe(self) -> dict[str, Any]:
-        return {"os": self.os, "agent": self.agent_kind, "guest_port": self.guest_port}
-
-    def describe_image(self) -> dict[str, Any]:
-        return self.image.describe()
-
-    def audio_player(self) -> AudioPlayer:
-        return LinuxAudioPlayer()
-
-
-# ================================================================ Windows
+    edition = image_edition(Path(image)) if image else None
+    if edition is not None and edition.is_server:
+        return None
+    what = (f"{edition.key} ({edition.image_name})" if edition is not None else
+            "an image whose edition is unknown (no manifest from `rebalab image windows` next "
+            "to it)")
+    return CPU_HOTPLUG_CLIENT.format(what=what)
 
 
 class PowerShellSshAgent(SshAgent):
@@ -448,7 +252,76 @@ def _sibling(image: Path, suffix: str, recorded: object) -> Path | None:
     return None
 
 
-class WindowsGuest(GuestBoot):
+class WindowsOs(GuestOs):
+    """What every Windows guest does the same way, however it boots: the steps it
+    refuses, its rules, PnP waits, the ETW trace and the rebalance triggers' guest half.
+    ``WindowsGuest`` boots a real image; ``lab.guest.windows.simulated`` a scripted one."""
+
+    os: OsName = "windows"
+    default_rules = ("windows-pnp", "bugcheck", "audio")
+    #: the driver's WPP/TraceLogging trace (scenario ``guest.trace``); every observation's
+    #: ``WindowsTracer`` uses it
+    trace_config: WindowsTraceConfig | None = None
+
+    # ---- before any VM ------------------------------------------------------------------
+    @classmethod
+    def refused_step(cls, step: Step, spec: GuestSpec) -> str | None:
+        from lab.scenario.steps import RebalanceCpuHotplug
+        why = next((w for kind, w in _refusals().items() if isinstance(step, kind)), None)
+        if why is None and isinstance(step, RebalanceCpuHotplug):
+            why = cpu_hotplug_refusal(spec.image)
+        return why
+
+    def check_scenario(self, steps: Iterable[Step]) -> None:
+        """WinRM has no streaming channel: a background guest command needs Windows OpenSSH."""
+        from lab.scenario.steps import Guest
+        if self.agent_kind != "winrm":
+            return
+        bg = next((st for st in steps if isinstance(st, Guest) and st.background), None)
+        if bg is not None:
+            raise LabError(f"{bg.where}: a background guest command needs a streaming "
+                           "agent; WinRM has none. Use the Windows OpenSSH agent "
+                           "(guest: {os: windows, image: ..., agent: ssh})")
+
+    def snapshot_refusal(self) -> str | None:
+        return ("reset: snapshot is verified on the built-in Linux guest only (a Windows "
+                "guest's agent and ETW session across a restore are not); use reset: reboot "
+                "or replug")
+
+    def versions(self) -> dict[str, str]:
+        win = self.describe_image().get("windows") or {}
+        return {"windows": " ".join(str(v) for v in (win.get("edition"), win.get("build"),
+                                                     win.get("ubr")) if v) or "?"}
+
+    # ---- devices: PnP state ---------------------------------------------------------------
+    def bound_wait(self, m: Machine, dev: Device, bdf: str | None,
+                   timeout: float) -> DeviceWait | None:
+        from lab.guest.windows import waits
+        model = dev.catalog()
+        if not model.windows_hwid:
+            return None
+        return waits.started(m, dev.id, model.driver, model.windows_hwid, timeout)
+
+    def gone_wait(self, m: Machine, dev: Device, bdf: str | None,
+                  timeout: float) -> DeviceWait | None:
+        from lab.guest.windows import waits
+        model = dev.catalog()
+        return waits.gone(m, dev.id, model.windows_hwid, timeout) if model.windows_hwid else None
+
+    def trace(self, m: Machine, *, kprobes: bool = True) -> GuestTrace:
+        from lab.guest.windows.observation import WindowsTrace
+        return WindowsTrace(m, self.trace_config)
+
+    # ---- the rebalance triggers' guest half ---------------------------------------------
+    def triggers(self) -> TriggerHalves:
+        from lab.guest.windows.triggers import WindowsTriggers
+        return WindowsTriggers()
+
+    def audio_player(self) -> AudioPlayer:
+        return WindowsAudioPlayer()
+
+
+class WindowsGuest(WindowsOs):
     """A Windows image built by ``rebalab image windows``, booted from a per-run overlay.
 
     * KVM only: ``choose_accel`` refuses TCG before anything exists, naming why KVM was
@@ -467,8 +340,6 @@ class WindowsGuest(GuestBoot):
       wait at once.
     """
 
-    os: GuestOs = "windows"
-
     def __init__(self, image_path: str | Path, agent: str = "winrm", *,
                  keep_disk: str = "on-panic", memory_mb: int = 4096, smp: int = 2,
                  ssh_key: str | Path | None = None, winrm: Mapping[str, Any] | None = None,
@@ -476,8 +347,8 @@ class WindowsGuest(GuestBoot):
                  qemu_img: str = "qemu-img", probe_image: GuestImage | None = None,
                  hyperv_probe: Callable[[str], frozenset[str] | None] | None = probe_hyperv,
                  trace_config: WindowsTraceConfig | None = None) -> None:
-        from lab.windows.image import load_manifest
-        from lab.windows.vmconfig import AGENT_GUEST_PORT, OvmfPaths
+        from lab.guest.windows.image import load_manifest
+        from lab.guest.windows.vmconfig import AGENT_GUEST_PORT, OvmfPaths
 
         if agent not in AGENTS["windows"]:
             raise ConfigError(f"unknown agent {agent!r} for a Windows guest; choose one of: "
@@ -571,7 +442,7 @@ class WindowsGuest(GuestBoot):
                   log: Callable[[str], None]) -> None:
         """Firmware, qemu-img, agent credentials/keys, Hyper-V features, QEMU's devices."""
         from lab import qemu_caps
-        from lab.windows.vmconfig import HV_ENLIGHTENMENTS, verify_qemu_args
+        from lab.guest.windows.vmconfig import HV_ENLIGHTENMENTS, verify_qemu_args
 
         if self.firmware == "uefi":
             self.ovmf.check()
@@ -672,7 +543,7 @@ class WindowsGuest(GuestBoot):
         return m.artifacts / "windows-disk.qcow2"
 
     def prepare(self, m: MachineView) -> BootFiles:
-        from lab.windows.image import create_overlay
+        from lab.guest.windows.image import create_overlay
 
         disk = self.disk_path(m)
         created: list[Path] = []
@@ -704,14 +575,14 @@ class WindowsGuest(GuestBoot):
         device is added: Windows was installed with one, and it keeps ``screendump``
         useful when a boot hangs.
         """
-        from lab.windows.vmconfig import network_args, windows_vm_args
+        from lab.guest.windows.vmconfig import network_args, windows_vm_args
 
         args = list(windows_vm_args(disk, accel.name, self.firmware, self.agent_kind,  # type: ignore[arg-type]
                                     host_port=port, disk_bus=self.disk_bus,  # type: ignore[arg-type]
                                     vars_file=vars_file, ovmf=self.ovmf, memory_mb=memory_mb, smp=smp))
         net = network_args(self.agent_kind, port)
         if args[-len(net):] != net:
-            raise LabError("lab.windows.vmconfig.windows_vm_args no longer ends with its network "
+            raise LabError("lab.guest.windows.vmconfig.windows_vm_args no longer ends with its network "
                            "arguments; update lab.guest.WindowsGuest._vm_args")
         args = args[:-len(net)]
         out: list[str] = []
@@ -777,7 +648,7 @@ class WindowsGuest(GuestBoot):
         driver = self.manifest.get("driver")
         if not driver or getattr(self, "_driver_checked", False):
             return
-        from lab.windows.driver_check import verify_bound
+        from lab.guest.windows.driver_check import verify_bound
         from vdevice.catalog import MODELS, Role
 
         for dev in m.topology.devices:
@@ -878,55 +749,3 @@ class WindowsGuest(GuestBoot):
                 "firmware": self.firmware, "disk_bus": self.disk_bus,
                 "built_utc": self.manifest.get("built_utc"), "driver": self.manifest.get("driver")}
 
-    def audio_player(self) -> AudioPlayer:
-        return WindowsAudioPlayer()
-
-
-# ================================================================ parsing
-
-def parse_guest_spec(spec: str, agent: str | None = None, *, image: GuestImage | None = None,
-                     **windows_options: Any) -> GuestBoot:
-    """``"linux"`` or ``"windows:<image path>"`` (plus an optional agent) as a GuestBoot.
-
-    ``agent`` defaults to ssh for Linux and winrm for Windows. ``image`` is the Linux
-    image to use (default: ``GuestImage.load()``); for Windows it is the image the KVM
-    probe boots, when the verdict is not cached yet. ``windows_options`` go to
-    ``WindowsGuest`` (keep_disk, memory_mb, smp, ssh_key, winrm, ...). Errors are
-    ConfigError naming what to write instead.
-    """
-    text = (spec or "").strip()
-    os_name, sep, rest = text.partition(":")
-    os_name = os_name.strip().lower()
-    if agent is not None and not isinstance(agent, str):
-        raise ConfigError(f"agent must be a name, not {agent!r}")
-    agent_name = agent.strip().lower() if agent else None
-    if os_name not in AGENTS:
-        raise ConfigError(f"unknown guest {text!r}: write 'linux' or 'windows:<path to image.qcow2>'")
-    if agent_name is not None and agent_name not in AGENTS[os_name]:
-        known = sorted({a for v in AGENTS.values() for a in v})
-        if agent_name not in known:
-            raise ConfigError(f"unknown agent {agent!r}; choose one of: {', '.join(known)}")
-        raise ConfigError(f"a {os_name} guest is reached over {' or '.join(AGENTS[os_name])}, "
-                          f"not {agent_name}")
-    if os_name == "linux":
-        if sep and rest.strip():
-            raise ConfigError(f"guest {text!r}: the Linux guest is the built-in image; point "
-                              "REBALAB_IMAGE at another build of it instead of 'linux:<path>'")
-        if windows_options:
-            raise ConfigError(f"options {sorted(windows_options)} apply to Windows guests only")
-        return LinuxGuest(image or GuestImage.load())
-    path = rest.strip()
-    if not path:
-        raise ConfigError("a Windows guest needs its image: 'windows:<path to image.qcow2>'")
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"Windows image not found: {p}" + ("" if p.is_absolute() else
-                                                            f" (relative to {Path.cwd()})"))
-    if image is not None:
-        windows_options.setdefault("probe_image", image)   # what the KVM probe boots
-    return WindowsGuest(p, agent_name or "winrm", **windows_options)
-
-
-__all__ = ["GuestBoot", "LinuxGuest", "WindowsGuest", "GuestPanicked", "GuestArgs", "BootFiles",
-           "MachineView", "PowerShellSshAgent", "parse_guest_spec", "probe_hyperv", "hv_unsupported",
-           "check_machine", "KEEP_DISK_CHOICES", "AGENTS"]

@@ -7,7 +7,7 @@ check the STOP contract at all.
 
 * WPP providers are recorded in their own session (``logman ... -p GUID FLAGS LEVEL``)
   and formatted in the guest with the WDK's tracefmt, from the driver's TMF file or
-  from TMFs that tracepdb makes out of its PDB (``lab.tracers.windows.wpp``). The TMF/
+  from TMFs that tracepdb makes out of its PDB (``lab.guest.windows.trace.wpp``). The TMF/
   PDB are host files next to the scenario (confined to its folder by the loader) and
   are copied into the guest's trace work directory under fixed names, so no host file
   name reaches a guest command line.
@@ -30,14 +30,13 @@ README.md ("The driver's trace") shows the scenario keys for it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lab.errors import ConfigError
 from lab.events import DeviceId, Kind
-from lab.tracers.windows import etw, wpp
-from lab.tracers.windows.tracer import WindowsTraceConfig
+from lab.guest.windows.trace import etw, wpp
+from lab.guest.windows.trace.tracer import WindowsTraceConfig
 
 if TYPE_CHECKING:
     from lab.scenario.model import TraceProviderSpec, TraceSpec
@@ -51,22 +50,13 @@ def _provider(p: TraceProviderSpec) -> etw.EtwProvider:
     return etw.EtwProvider(p.guid, p.flags_hex, p.level, p.name)
 
 
-def default_device(spec: TraceSpec, audio_devices: Iterable[str]) -> str | None:
-    """The device the driver's trace belongs to: ``spec.device``, else the only audio
-    device of the topology; None when that is ambiguous (the loader refuses it)."""
-    if spec.device is not None:
-        return spec.device
-    audio = list(dict.fromkeys(audio_devices))
-    return audio[0] if len(audio) == 1 else None
-
-
 def from_spec(spec: TraceSpec | None, *, device: str | None = None,
               base: WindowsTraceConfig | None = None) -> WindowsTraceConfig:
     """``WindowsTraceConfig`` for a scenario's ``guest.trace`` (None: the default config).
 
     ``spec.tmf``/``spec.pdb`` must already be absolute host paths (the loader resolves
     them inside the scenario's folder). ``device`` is the QEMU id the trace is
-    attributed to (``default_device``). ConfigError when a file is missing.
+    attributed to (the loader defaults it to the only audio device). ConfigError when a file is missing.
     """
     cfg = base or WindowsTraceConfig()
     if spec is None:
@@ -98,4 +88,4 @@ def from_spec(spec: TraceSpec | None, *, device: str | None = None,
         device=DeviceId(qom=device) if device else None, uploads=tuple(uploads))
 
 
-__all__ = ["GUEST_PDB", "GUEST_TMF", "default_device", "from_spec"]
+__all__ = ["GUEST_PDB", "GUEST_TMF", "from_spec"]

@@ -25,7 +25,7 @@ from typing import Any
 
 from lab.agent.powershell import PsOutputError, parse_ps_json
 from lab.events import DeviceId, Event, Kind, Source
-from lab.tracers.windows.common import GuestScript, ParsedTrace, TraceParseError, flagged
+from lab.guest.windows.trace.common import GuestScript, ParsedTrace, TraceParseError, flagged
 
 # code -> (name, listed in Device Manager's documented error table)
 CM_PROB: dict[int, tuple[str, bool]] = {

@@ -13,7 +13,7 @@ to end. ``SimulatedWindowsGuest`` does that, and says so everywhere it is record
   *hardware* (it enumerates the device and assigns its BARs); no Linux tool is used.
 * **Scripted**: every answer of the "Windows" guest. The agent is a ``ScriptedAgent``
   that answers the lab's exact pinned PowerShell scripts (``tracer_commands.golden``,
-  ``wdtf_commands.golden``, ``lab.windows.pnp_wait``) with outputs in the formats
+  ``wdtf_commands.golden``, ``lab.guest.windows.pnp_wait``) with outputs in the formats
   Microsoft documents and the parsers read: the structured JSON of Get-WinEvent and
   Get-PnpDevice, tracefmt's text with the pinned ``TRACE_FORMAT_PREFIX``, the clock
   exchange line, WDTF's result record. A script it does not know is an ``AgentError``,
@@ -21,7 +21,7 @@ to end. ``SimulatedWindowsGuest`` does that, and says so everywhere it is record
 
 What the scripted side says is a ``WindowsCase`` (the "guest script"): the driver's WPP
 messages during the WDTF action, in the default PortCls message patterns
-(``lab.tracers.windows.wpp``), and WDTF's outcome. Its answers are tied to the real VM
+(``lab.guest.windows.trace.wpp``), and WDTF's outcome. Its answers are tied to the real VM
 where they can be: "started" only once QEMU lists the device with its BARs mapped, the
 instance id from the device's real ids and slot, the driver's START resources from its
 real BARs (``{resources}``), "gone" only once QEMU no longer lists it. Time follows the
@@ -32,7 +32,7 @@ span, so events land where they happen only if the clock exchange and the timeli
 alignment do their work.
 
 Only tests use this module; nothing in the lab branches on it (the runner takes a
-prepared ``guest=``, and this class is an ordinary ``GuestBoot`` whose ``os`` is
+prepared ``guest=``, and this class is an ordinary Windows ``GuestOs`` whose ``os`` is
 ``"windows"``).
 """
 
@@ -48,18 +48,19 @@ from typing import Any
 
 from lab.accel import Accel
 from lab.agent.base import Agent
-from lab.audio_player import AudioPlayer, WindowsAudioPlayer
 from lab.deadline import seconds
 from lab.errors import AgentError
-from lab.guest import BootFiles, GuestArgs, GuestBoot, LinuxGuest, MachineView, ShutdownStep
+from lab.guest.base import BootFiles, GuestArgs, MachineView, ShutdownStep
+from lab.guest.linux import LinuxGuest
+from lab.guest.windows.boot import WindowsOs
 from lab.image import GuestImage
 from lab.operations import walk_pci
 from lab.pci_state import FunctionState, PciSnapshot
-from lab.tracers.windows import wpp
-from lab.tracers.windows.common import FILETIME_UNIX_OFFSET
-from lab.tracers.windows.etw import KERNEL_PNP_GUID, KERNEL_PNP_NAME
-from lab.tracers.windows.tracer import WindowsTraceConfig
-from lab.windows.scripted_agent import ScriptedAgent, structured_stdout
+from lab.guest.windows.trace import wpp
+from lab.guest.windows.trace.common import FILETIME_UNIX_OFFSET
+from lab.guest.windows.trace.etw import KERNEL_PNP_GUID, KERNEL_PNP_NAME
+from lab.guest.windows.trace.tracer import WindowsTraceConfig
+from lab.guest.windows.scripted_agent import ScriptedAgent, structured_stdout
 
 #: the simulated guest's UTC clock runs this far behind the host's: the clock exchange
 #: must find it, or the driver's messages land outside the operation that caused them
@@ -78,7 +79,7 @@ REVISION = 0x01
 SETUPAPI_LENGTH = 4096
 MEDIA_CLASS_GUID = "{4d36e96c-e325-11ce-bfc1-08002be10318}"
 SIMULATION_NOTE = ("SIMULATED Windows guest side: every guest answer is scripted "
-                   "(lab/windows/simulated.py); QEMU, QMP, the runner, timeline, rules and "
+                   "(lab/guest/windows/simulated.py); QEMU, QMP, the runner, timeline, rules and "
                    "reports are real. Not a Windows run.")
 
 
@@ -316,7 +317,7 @@ class SimulatedWindowsAgent(ScriptedAgent):
                          "RelatedActivityId": "", "ProcessId": 4, "ThreadId": 1234,
                          "Properties": list(data.values()), "Data": data, "Message": None})
 
-    # ---- plug / unplug waits (lab.windows.pnp_wait) ---------------------------------------
+    # ---- plug / unplug waits (lab.guest.windows.pnp_wait) ---------------------------------------
     def _wait_started(self, script: str, params: dict[str, str]) -> Any:
         """'started <instance>' once QEMU lists the device with every BAR mapped (the
         guest side of the hardware enumerated it); the driver's start is traced then."""
@@ -351,7 +352,7 @@ class SimulatedWindowsAgent(ScriptedAgent):
                 self._wpp(now + 1_000_000, "IRP_MN_REMOVE_DEVICE status=0x0")
         return "gone\r\n"
 
-    # ---- WDTF (lab.windows.wdtf) ----------------------------------------------------------
+    # ---- WDTF (lab.guest.windows.wdtf) ----------------------------------------------------------
     def _wdtf_prepare(self, script: str, params: dict[str, str]) -> str:
         found = self._function()
         if found is None:
@@ -365,7 +366,7 @@ class SimulatedWindowsAgent(ScriptedAgent):
         their handlers "run" (real time passes), stamped on the guest's clock."""
         case = self.case
         method = params.get("Method", "")
-        from lab.windows.wdtf import method_for
+        from lab.guest.windows.wdtf import method_for
         if method != method_for(case.action):
             # the scenario asked for something the guest script does not describe
             return (1, "", f"the guest script {case.name!r} answers {method_for(case.action)}, "
@@ -404,12 +405,13 @@ class SimulatedWindowsAgent(ScriptedAgent):
 
 
 @dataclass
-class SimulatedWindowsGuest(GuestBoot):
-    """A ``GuestBoot`` whose hardware side is the built-in Linux image under real QEMU and
+class SimulatedWindowsGuest(WindowsOs):
+    """A Windows ``GuestOs`` whose hardware side is the built-in Linux image under real QEMU and
     whose Windows side is ``SimulatedWindowsAgent`` playing ``case`` (module docstring).
 
-    ``os`` is ``"windows"`` so the runner, observation and rules take their Windows
-    paths. Unlike ``WindowsGuest`` it runs under TCG: nothing Windows runs.
+    It shares ``WindowsOs`` with ``WindowsGuest`` (waits, trace, triggers, rules), so the
+    runner, observation and rules do what they do for Windows; only the boot differs.
+    Unlike ``WindowsGuest`` it runs under TCG: nothing Windows runs.
     """
 
     case: WindowsCase
@@ -418,7 +420,6 @@ class SimulatedWindowsGuest(GuestBoot):
     image: GuestImage | None = None
     agents: list[SimulatedWindowsAgent] = field(default_factory=list)
 
-    os = "windows"            # type: ignore[assignment]
     agent_kind = "winrm"      # type: ignore[assignment]
     guest_port = 22
 
@@ -457,10 +458,6 @@ class SimulatedWindowsGuest(GuestBoot):
         return {"simulated": True, "note": SIMULATION_NOTE,
                 "windows": {"edition": "SIMULATED (scripted guest side, not Windows)"},
                 "hardware_side": self.hardware.describe_image()}
-
-    def audio_player(self) -> AudioPlayer:
-        return WindowsAudioPlayer()
-
 
 __all__ = ["DriverLine", "GUEST_BEHIND_NS", "SIMULATION_NOTE", "SimulatedWindowsAgent",
            "SimulatedWindowsGuest", "WindowsCase", "instance_id"]

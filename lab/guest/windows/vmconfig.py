@@ -7,7 +7,7 @@ Choices and why:
 * ``-cpu host`` plus Hyper-V enlightenments (hv-relaxed, hv-vapic, hv-spinlocks,
   hv-vpindex, hv-runtime, hv-time, hv-synic, hv-stimer, hv-frequencies, hv-reset) as
   QEMU's docs/system/i386/hyperv.rst recommends for Windows, and **hv-crash**, through
-  which Windows reports bug check codes to QEMU (see lab.windows.panic).
+  which Windows reports bug check codes to QEMU (see lab.guest.panic).
 * Firmware: UEFI uses Debian's ``ovmf`` package, ``/usr/share/OVMF/OVMF_CODE_4M.fd``
   with a per-image copy of ``OVMF_VARS_4M.fd`` (the non-Secure-Boot build described by
   /usr/share/qemu/firmware/60-edk2-x86_64.json: test-signed drivers
@@ -121,7 +121,7 @@ def windows_vm_args(image: Path, accelerator: str, firmware: Firmware, agent: Ag
                     ovmf: OvmfPaths | None = None, memory_mb: int = 4096, smp: int = 2) -> WindowsVmArgs:
     """The extra QEMU arguments for a Windows lab guest (pure: touches no file).
 
-    ``image`` is normally a per-run overlay (``lab.windows.image.create_overlay``);
+    ``image`` is normally a per-run overlay (``lab.guest.windows.image.create_overlay``);
     ``disk_bus`` and ``firmware`` must match what the image was installed with (its
     manifest says). Raises ConfigError for TCG: Windows guests need KVM.
     """

@@ -28,8 +28,9 @@ from lab.agent.ssh import SshAgent
 from lab.console import ConsoleLine
 from lab.errors import AgentError, LabError
 from lab.events import DeviceId, Event, Kind, Source
+from lab.image import GuestImage
 from lab.machine import Machine
-from lab.tracers.btf import BtfError, DeviceNameOffsets
+from lab.guest.linux.btf import BtfError, DeviceNameOffsets
 
 TRACEFS = "/sys/kernel/tracing"
 TRACE_TTY = "/dev/ttyS2"
@@ -160,9 +161,10 @@ class TraceParser:
 class LinuxTracer:
     """Start kprobes in the guest, stream them, stop and clean up."""
 
-    def __init__(self, m: Machine, *, specs: Sequence[ProbeSpec] = ALL_SPECS,
+    def __init__(self, m: Machine, image: GuestImage, *, specs: Sequence[ProbeSpec] = ALL_SPECS,
                  preload: Sequence[str] = AUDIO_MODULES) -> None:
         self.m = m
+        self.image = image          # its vmlinux (BTF offsets) and the modules it ships
         self.wanted = tuple(specs)
         self.preload = tuple(preload)
         self.active: tuple[ProbeSpec, ...] = ()
@@ -179,7 +181,7 @@ class LinuxTracer:
         if os.environ.get("REBALAB_NO_FETCH"):
             return None
         try:
-            return DeviceNameOffsets.from_vmlinux(self.m.image.file("vmlinux"))
+            return DeviceNameOffsets.from_vmlinux(self.image.file("vmlinux"))
         except (OSError, BtfError) as exc:
             self.m.run.log(f"kprobe device names unavailable: {exc}")
             return None
@@ -187,7 +189,7 @@ class LinuxTracer:
     def _shipped_modules(self) -> set[str]:
         """Module names the built image ships (manifest ``modules.included``)."""
         try:
-            included = (self.m.image.manifest.get("modules") or {}).get("included") or []
+            included = (self.image.manifest.get("modules") or {}).get("included") or []
         except (LabError, AttributeError):
             return set()
         return {str(n).replace("-", "_") for n in included}

@@ -51,8 +51,8 @@ from typing import Any, Literal, Protocol
 
 from lab.privacy import child_env
 from lab.errors import ConfigError, DeadlineExceeded, EnvironmentProblem, LabError, QemuError
-from lab.windows import unattend
-from lab.windows.vmconfig import (
+from lab.guest.windows import unattend
+from lab.guest.windows.vmconfig import (
     OvmfPaths,
     cpu_arg,
     disk_args,
@@ -80,7 +80,7 @@ class WindowsImageSpec:
     virtio_win: Path | None = None
     driver_dir: Path | None = None
     #: the WDTF runtime from the user's WDK (its .msi/.cab files): the wdtf trigger
-    #: (lab.windows.wdtf) needs it in the guest
+    #: (lab.guest.windows.wdtf) needs it in the guest
     wdtf_dir: Path | None = None
     edition: str = "win11"
     image_name: str | None = None
@@ -527,7 +527,7 @@ def build(spec: WindowsImageSpec, *, kvm_available: Callable[[], bool],
                            f"{spec.log_dir / 'provision.log'} and the msiexec logs listed there")
         if isinstance(driver, dict):
             # 259 is "staged, no matching device" (the install VM has none), not a failure
-            from lab.windows.driver_check import describe_pnputil, pnputil_outcome
+            from lab.guest.windows.driver_check import describe_pnputil, pnputil_outcome
 
             code = driver.get("pnputil_exit_code")
             driver.setdefault("status", pnputil_outcome(code if isinstance(code, int) else None))

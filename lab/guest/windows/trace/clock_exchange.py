@@ -33,7 +33,7 @@ from lab import clock
 from lab.agent.base import Agent
 from lab.deadline import Deadline
 from lab.errors import AgentError, LabError
-from lab.tracers.windows.common import GuestScript, filetime_to_unix_ns, run_script
+from lab.guest.windows.trace.common import GuestScript, filetime_to_unix_ns, run_script
 
 GUEST_RESOLUTION_NS = 16_000_000
 DEFAULT_TARGET_BOUND_NS = 20_000_000

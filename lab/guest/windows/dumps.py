@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lab.agent.base import Agent
 from lab.errors import AgentError
-from lab.tracers.windows.common import GuestScript, run_structured
+from lab.guest.windows.trace.common import GuestScript, run_structured
 
 _LIST = r"""
 $cc = Get-ItemProperty -Path 'HKLM:\SYSTEM\CurrentControlSet\Control\CrashControl' -ErrorAction SilentlyContinue

@@ -8,7 +8,7 @@ The text is cut into sections by ``lab.logs.setupapi`` (one reader of the format
 both the live tracer and ``rebalab inspect``); ``parse``, ``parse_timestamp``,
 ``Section`` and ``SetupApiLog`` are that module's, re-exported here for the tracer.
 ``to_events`` stays here because it returns the tracers' ``ParsedTrace``: ``lab.logs``
-cannot import ``lab.tracers.windows`` (that package imports the tracer, which imports
+cannot import ``lab.guest.windows.trace`` (that package imports the tracer, which imports
 this module, which imports ``lab.logs.setupapi``).
 Time stamps are the guest's *local* time; the image sets the guest time zone to UTC,
 and ``parse`` takes the guest's UTC offset otherwise.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lab.logs.setupapi import Section, SetupApiLog, log_events, parse, parse_timestamp
-from lab.tracers.windows.common import GuestScript, ParsedTrace, validate_guest_path
+from lab.guest.windows.trace.common import GuestScript, ParsedTrace, validate_guest_path
 
 DEFAULT_LOG = r"C:\Windows\INF\setupapi.dev.log"
 

@@ -8,7 +8,7 @@ matching the firmware (GPT EFI/MSR/Windows for UEFI, MBR System/Windows for BIOS
 the image selection, and the FirstLogonCommands that start provisioning.
 
 The password is a parameter of ``render`` only; it comes from the environment or a
-prompt (lab.windows.image) and is written nowhere but the temporary provisioning
+prompt (lab.guest.windows.image) and is written nowhere but the temporary provisioning
 drive.
 """
 
@@ -82,7 +82,7 @@ def template_dir() -> Path:
     env = os.environ.get("REBALAB_WINDOWS_TEMPLATES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "images" / "windows"
+    return Path(__file__).resolve().parents[3] / "images" / "windows"
 
 
 def first_logon_command(label: str = PROVISION_LABEL) -> str:

@@ -59,8 +59,8 @@ from typing import Any
 
 from lab.agent.base import Agent
 from lab.errors import ConfigError, LabError
-from lab.tracers.windows.common import GuestScript, looks_like_instance_id, run_structured
-from lab.tracers.windows.pnp_state import problem_name
+from lab.guest.windows.trace.common import GuestScript, looks_like_instance_id, run_structured
+from lab.guest.windows.trace.pnp_state import problem_name
 
 #: scenario action -> the IWDTFPNPAction2 method (ddi/wdtfpnpaction/nf-wdtfpnpaction-iwdtfpnpaction2-*)
 ACTIONS: dict[str, str] = {

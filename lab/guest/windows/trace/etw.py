@@ -65,7 +65,7 @@ from typing import Any
 from lab.agent.powershell import PsOutputError, parse_ps_json
 from lab.errors import ConfigError
 from lab.events import DeviceId, Event, Kind, Source
-from lab.tracers.windows.common import (
+from lab.guest.windows.trace.common import (
     GuestScript,
     ParsedTrace,
     TraceParseError,

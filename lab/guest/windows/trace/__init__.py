@@ -6,6 +6,6 @@ documented formats without Windows), and Event construction. ``WindowsTracer`` t
 them to an agent.
 """
 
-from lab.tracers.windows.tracer import WindowsTraceConfig, WindowsTracer
+from lab.guest.windows.trace.tracer import WindowsTraceConfig, WindowsTracer
 
 __all__ = ["WindowsTraceConfig", "WindowsTracer"]

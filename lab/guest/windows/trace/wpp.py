@@ -30,7 +30,7 @@ from typing import Any
 
 from lab.errors import ConfigError
 from lab.events import DeviceId, Event, Kind, Source
-from lab.tracers.windows.common import GuestScript, ParsedTrace, flagged, validate_guest_path
+from lab.guest.windows.trace.common import GuestScript, ParsedTrace, flagged, validate_guest_path
 
 TRACE_FORMAT_PREFIX = "%4!s! %8!04X!.%3!04X! [%1!s!]"
 

@@ -28,8 +28,8 @@ from typing import Any
 
 from lab.agent.base import Agent
 from lab.errors import LabError
-from lab.tracers.windows.common import GuestScript, run_structured
-from lab.tracers.windows.pnp_state import problem_name
+from lab.guest.windows.trace.common import GuestScript, run_structured
+from lab.guest.windows.trace.pnp_state import problem_name
 from vdevice.catalog import DeviceModel, get_model
 
 #: pnputil exit code -> outcome; anything else is a failure (pnputil-return-values, above)

@@ -74,7 +74,7 @@ def check_ssh(m: Any, image: GuestImage) -> Check:
 
 
 def check_kprobes(m: Any) -> Check:
-    from lab.tracers.linux import TRACEFS
+    from lab.guest.linux.kprobes import TRACEFS
 
     sh = m.agent.shell
     ev = sh.quote(f"{TRACEFS}/kprobe_events")
@@ -94,7 +94,7 @@ def check_kprobes(m: Any) -> Check:
 
 
 def check_btf(m: Any, image: GuestImage) -> Check:
-    from lab.tracers.btf import BtfError, DeviceNameOffsets
+    from lab.guest.linux.btf import BtfError, DeviceNameOffsets
 
     r = m.agent.run("stat -c %s /sys/kernel/btf/vmlinux 2>/dev/null || echo missing", timeout=15)
     size = r.stdout.strip()
@@ -112,10 +112,10 @@ def check_btf(m: Any, image: GuestImage) -> Check:
                  f"struct device +{off.device_name}, struct pci_dev +{off.pci_dev_name}")
 
 
-def check_tracer_start(m: Any, holder: dict[str, Any]) -> Check:
-    from lab.tracers.linux import LinuxTracer
+def check_tracer_start(m: Any, image: GuestImage, holder: dict[str, Any]) -> Check:
+    from lab.guest.linux.kprobes import LinuxTracer
 
-    tracer = LinuxTracer(m).start()
+    tracer = LinuxTracer(m, image).start()
     holder["tracer"] = tracer
     missing = f"; not in this kernel: {', '.join(tracer.missing)}" if tracer.missing else ""
     return Check("tracer start", True, f"{len(tracer.active)} of {len(tracer.wanted)} functions "
@@ -146,7 +146,7 @@ def check_tracer_stop(tracer: Any, plugged_bdf: str | None) -> Check:
 
 def check_clock(m: Any, tokens: int = 24) -> Check:
     from lab import clock
-    from lab.observe import ClockSync
+    from lab.guest.linux.trace import ClockSync
 
     assert m.console is not None
     cursor = m.console.cursor()
@@ -205,7 +205,7 @@ def guest_checks(doc: Doctor, image: GuestImage, *, model: str = DEFAULT_MODEL) 
         doc.check("ssh", lambda: check_ssh(vm, image), fix=f"the guest's SSH server: {where}")
         doc.check("kprobes", lambda: check_kprobes(vm), fix=where)
         doc.check("btf", lambda: check_btf(vm, image), fix=where)
-        doc.check("tracer start", lambda: check_tracer_start(vm, holder),
+        doc.check("tracer start", lambda: check_tracer_start(vm, image, holder),
                   fix=f"read the error above and {where}")
         doc.check("clock", lambda: check_clock(vm), fix=where)
         if doc.quick:

@@ -32,8 +32,8 @@ from lab import clock
 from lab.agent.base import Agent
 from lab.errors import AgentError, ConfigError, LabError
 from lab.events import DeviceId, Event
-from lab.tracers.windows import clock_exchange, etw, pnp_state, setupapi, wpp
-from lab.tracers.windows.common import (
+from lab.guest.windows.trace import clock_exchange, etw, pnp_state, setupapi, wpp
+from lab.guest.windows.trace.common import (
     GuestScript,
     ParsedTrace,
     TraceParseError,
@@ -312,7 +312,7 @@ class WindowsTracer:
 
 
 def render_planned(tracer: WindowsTracer) -> str:
-    from lab.tracers.windows.common import render_scripts
+    from lab.guest.windows.trace.common import render_scripts
 
     return render_scripts(tracer.planned_scripts())
 

@@ -32,7 +32,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lab.tracers.windows.common import GuestScript
+from lab.guest.windows.trace.common import GuestScript
 from vdevice.catalog import MODELS
 
 POLL_MS = 100

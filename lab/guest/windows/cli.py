@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lab.errors import ConfigError
-from lab.windows import image as winimage
-from lab.windows.unattend import EDITIONS
+from lab.guest.windows import image as winimage
+from lab.guest.windows.unattend import EDITIONS
 
 
 def default_kvm_available() -> bool:
@@ -155,7 +155,7 @@ def _agent_from_args(a: argparse.Namespace) -> Any:
 def cmd_collect_dump(a: argparse.Namespace, *, agent_factory: Callable[[argparse.Namespace], Any] | None = None,
                      out: Callable[[str], None] = print) -> int:
     from lab.deadline import seconds
-    from lab.windows.dumps import collect_dumps
+    from lab.guest.windows.dumps import collect_dumps
 
     run_dir = Path(a.run_dir)
     if not run_dir.is_dir():

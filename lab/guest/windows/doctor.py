@@ -17,7 +17,7 @@ What each check relies on, and where it is documented:
   one only with ``LocalAccountTokenFilterPolicy`` = 1 (provision.ps1 sets it).
 * The device under test: ``Get-PnpDevice -PresentOnly`` and ``Get-PnpDeviceProperty``
   ``DEVPKEY_Device_ProblemCode`` / ``DEVPKEY_Device_DriverInfPath`` (the script of
-  ``lab.windows.driver_check``; for HD Audio the codec's HDAUDIO function devnode).
+  ``lab.guest.windows.driver_check``; for HD Audio the codec's HDAUDIO function devnode).
 * Kernel-PnP event ids on this build: ``(Get-WinEvent -ListProvider
   Microsoft-Windows-Kernel-PnP).Events`` (ProviderMetadata.Events, each an EventMetadata
   with ``Id``: learn.microsoft.com/dotnet/api/system.diagnostics.eventing.reader.
@@ -34,7 +34,7 @@ What each check relies on, and where it is documented:
   (learn.microsoft.com/windows-hardware/drivers/wdtf/creating-wdtf-scenarios:
   ``CreateObject("WDTF.WDTF")``, ``WDTF.DeviceDepot.Query(...)``); WDTF comes with the
   user's WDK.
-* The clock exchange's bound (``lab.tracers.windows.clock_exchange``).
+* The clock exchange's bound (``lab.guest.windows.trace.clock_exchange``).
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ from lab.agent.base import Agent, CommandResult
 from lab.agent.powershell import PsOutputError, decode_structured
 from lab.doctor import Check  # noqa: F401  (one Check type for both halves; re-exported)
 from lab.errors import LabError
-from lab.tracers.windows import clock_exchange
-from lab.tracers.windows.common import GuestScript, run_script
-from lab.tracers.windows.etw import ALL_KEYWORDS, KERNEL_PNP_GUID, KERNEL_PNP_NAME, EventMap
-from lab.windows import driver_check
+from lab.guest.windows.trace import clock_exchange
+from lab.guest.windows.trace.common import GuestScript, run_script
+from lab.guest.windows.trace.etw import ALL_KEYWORDS, KERNEL_PNP_GUID, KERNEL_PNP_NAME, EventMap
+from lab.guest.windows import driver_check
 from vdevice.catalog import DeviceModel
 
 
@@ -143,7 +143,7 @@ def check_kernel_pnp_ids(res: CommandResult, event_map: EventMap | None = None,
                      f"this build's {KERNEL_PNP_NAME} defines {len(have)} events but not {missing}, which the "
                      "Windows rules read",
                      "compare with `wevtutil gp Microsoft-Windows-Kernel-PnP /ge /gm:true` and correct the "
-                     "event table with an event map file (lab.tracers.windows.etw.EventMap.load)")
+                     "event table with an event map file (lab.guest.windows.trace.etw.EventMap.load)")
     extra = f"; table ids not on this build (ignored): {unknown}" if unknown else ""
     return Check("kernel-pnp events", True, f"{len(have)} events defined, {need} present{extra}")
 
