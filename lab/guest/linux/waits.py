@@ -1,18 +1,26 @@
-"""Device waits in the Linux guest: shell loops over SSH, started before the host acts.
+"""Device waits in the Linux guest, begun before the host acts.
 
-The guest-side detection then costs one SSH round trip in total instead of one per
-poll. Bound means the kernel's bind uevent (sent after probe() returned 0), which the
-built-in image records in /run/rebalab/bound/<BDF>; the sysfs ``driver`` link is not
-enough: it appears before probe() runs. Guests without that directory fall back to the
-link (and the evidence says so).
+Bound means the kernel's bind uevent (sent after probe() returned 0); the sysfs
+``driver`` link is not enough: it appears before probe() runs. The built-in image's
+uevent helper (images/linux/rootfs/etc/rebalab/uevent.sh) prints every PCI uevent to
+the kernel log, hence to the serial console, and then records a bind in
+/run/rebalab/bound/<BDF>. So the first evidence the host can have is the console line:
+``UeventWait`` watches for it (no SSH channel, no guest CPU spent polling, one serial
+line of latency: the lab's own detection lag). When the line does not come within the
+deadline (a console line lost, an image without the helper), one check over SSH decides
+from the guest's state as it is by then, so a missed line costs time, never a verdict.
+
+``ShellWait`` (a shell loop over SSH, started before the host acts: one round trip in
+total) is what a machine without a console gets.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from lab.agent.base import Agent
-from lab.errors import AgentError, ConnectionLost
+from lab.errors import AgentError, ConnectionLost, DeadlineExceeded
 from lab.guest.base import DeviceWait, Seen
 
 if TYPE_CHECKING:
@@ -88,8 +96,46 @@ class ShellWait(DeviceWait):
             self.chan = None
 
 
+#: how long the SSH check after a missed console line polls (the state is settled by then)
+CHECK_S = 1.0
+
+
+def uevent_line(action: str, bdf: str, driver: str | None = None) -> re.Pattern[str]:
+    """The console line uevent.sh prints for ``action`` on the PCI function ``bdf``."""
+    tail = f" DRIVER={re.escape(driver)} " if driver else " "
+    return re.compile(rf"rebalab-uevent ACTION={action} SUBSYSTEM=pci DEVPATH=\S*/"
+                      rf"{re.escape(bdf)}{tail}")
+
+
+class UeventWait(DeviceWait):
+    """The uevent's console line, else one SSH check (module docstring)."""
+
+    def __init__(self, m: Machine, line: re.Pattern[str], what: str, timeout: float,
+                 check: ShellWait, evidence: str, data: dict[str, Any]) -> None:
+        self.m, self.line, self.what, self.timeout = m, line, what, timeout
+        self.check, self.evidence, self.data = check, evidence, data
+        self.cursor = 0
+
+    def begin(self) -> None:
+        assert self.m.console is not None
+        self.cursor = self.m.console.cursor()
+
+    def end(self) -> Seen:
+        console = self.m.console
+        assert console is not None
+        process = self.m.process
+        try:
+            console.wait_for(self.line, timeout=self.timeout, after=self.cursor, what=self.what,
+                             alive=process.alive if process is not None else None)
+            return Seen(self.evidence, data=self.data)
+        except DeadlineExceeded:
+            self.m.run.log(f"{self.what}: no uevent line on the console within "
+                           f"{self.timeout:.1f}s; asking the guest")
+            return self.check.end()
+
+
 def bound_wait(m: Machine, dev_id: str, model_name: str, bdf: str, driver: str,
-               timeout: float) -> ShellWait:
+               timeout: float) -> DeviceWait:
     assert m.agent is not None
 
     def seen(out: str) -> Seen:
@@ -97,15 +143,26 @@ def bound_wait(m: Machine, dev_id: str, model_name: str, bdf: str, driver: str,
         evidence = words[1] if len(words) > 1 else "?"
         return Seen(evidence, data={"driver": driver})
 
-    return ShellWait(m, bound_command(m.agent, bdf, driver, timeout), "wait for driver bound",
-                     timeout,
-                     f"{dev_id} ({model_name}) at {bdf}: {driver} did not bind within "
-                     f"{timeout:.1f}s ({{out}}); see dmesg.txt and console.log", seen)
+    fail = (f"{dev_id} ({model_name}) at {bdf}: {driver} did not bind within {timeout:.1f}s "
+            "({out}); see dmesg.txt and console.log")
+    if m.console is None:
+        return ShellWait(m, bound_command(m.agent, bdf, driver, timeout), "wait for driver bound",
+                         timeout, fail, seen)
+    check = ShellWait(m, bound_command(m.agent, bdf, driver, CHECK_S), "check driver bound",
+                      CHECK_S, fail, seen)
+    return UeventWait(m, uevent_line("bind", bdf, driver), f"{driver} bound to {bdf}", timeout,
+                      check, "uevent-console", {"driver": driver})
 
 
-def gone_wait(m: Machine, dev_id: str, bdf: str, timeout: float) -> ShellWait:
+def gone_wait(m: Machine, dev_id: str, bdf: str, timeout: float) -> DeviceWait:
     assert m.agent is not None
-    return ShellWait(m, gone_command(m.agent, bdf, timeout),
-                     "wait for the device to leave the guest", timeout,
-                     f"{dev_id} at {bdf} is still present in the guest {timeout:.1f}s after "
-                     "QEMU deleted it", lambda out: Seen("sysfs-gone"))
+    fail = (f"{dev_id} at {bdf} is still present in the guest {timeout:.1f}s after QEMU "
+            "deleted it")
+    if m.console is None:
+        return ShellWait(m, gone_command(m.agent, bdf, timeout),
+                         "wait for the device to leave the guest", timeout, fail,
+                         lambda out: Seen("sysfs-gone"))
+    check = ShellWait(m, gone_command(m.agent, bdf, CHECK_S), "check the device left the guest",
+                      CHECK_S, fail, lambda out: Seen("sysfs-gone"))
+    return UeventWait(m, uevent_line("remove", bdf), f"{bdf} removed from the guest", timeout,
+                      check, "uevent-console", {})
