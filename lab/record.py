@@ -91,36 +91,10 @@ def parse_record(value: object) -> str | None:
 
 def not_recordable(step: Any) -> str | None:
     """Why ``step`` cannot run under recording (None when it can): a step that makes
-    QEMU change the guest's hardware through QMP, which the replay log does not hold."""
-    from lab.scenario import steps as S
-
-    cold = ("place the device cold in the topology (placement: cold) and let the guest "
-            "remove and rescan it: rebalance: {trigger: rescan}")
-    why: dict[type, str] = {
-        S.Plug: "plug is a QMP device_add, which the replay log does not hold (the replay "
-                "would stall where it was made); " + cold,
-        S.Unplug: "unplug is a QMP device_del, not in the replay log; remove the device "
-                  "from the guest instead (rebalance: {trigger: rescan}, or a guest step "
-                  "writing 1 to /sys/bus/pci/devices/BDF/remove)",
-        S.RebalancePressure: "the pressure trigger hot-plugs a device through QMP, not in "
-                             "the replay log; put the pressure device cold in the topology "
-                             "and rebalance with the guest-side rescan trigger",
-        S.RebalanceCpuHotplug: "the cpu-hotplug trigger is a QMP device_add of a CPU, not "
-                               "in the replay log; give the topology the CPUs cold",
-        S.RebalanceReconfigure: "reconfigure replaces the device through QMP "
-                                "(device_del + device_add), not in the replay log; run one "
-                                "iteration per model with the model cold in the topology",
-        S.RebalanceResize: "resize is not recordable (and QEMU 7.2's audio devices have "
-                           "no Resizable BAR)",
-        S.Pause: "pause is a QMP stop, not in the replay log; a guest-side delay "
-                 "(sleep, or a guest command) is recordable",
-        S.Resume: "resume is a QMP cont, not in the replay log; a guest-side delay "
-                  "(sleep, or a guest command) is recordable",
-    }
-    for cls, reason in why.items():
-        if isinstance(step, cls):
-            return reason
-    return None
+    QEMU change the guest's hardware through QMP, which the replay log does not hold.
+    Each step kind says so itself (``record_refusal``, ``lab.steps``)."""
+    why: str | None = getattr(step, "record_refusal", None)
+    return why
 
 
 def check_recordable(scenario: Any, *, flag: str = "record: true") -> None:

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from lab import operations as ops
-from lab import rebalance as rb
 from lab import snapshot
+from lab.guest.audio_player import AudioPlayer
 from lab.errors import (ArtifactsLost, DeadlineExceeded, Interrupted, LabError, QemuError,
                         is_disk_full)
 from lab.events import DeviceId, Event, Kind, Source
@@ -44,21 +44,17 @@ from lab.image import GuestImage
 from lab.machine import Machine
 from lab.observe import Observation
 from lab.record_run import Recorder
-from lab.results import (EventRef, IterationResult, Status, StepTiming, Violation,
+from lab.results import (IterationResult, Status, StepTiming, Violation,
                          result_key)
 from lab.rules import check_all
 from lab.rules.base import Limits, RuleContext
 from lab.rundir import RunDir
 from lab.scenario.overrides import Overrides
-from lab.scenario import (AssertAudio, AssertCount, AssertNoKind, AssertRule, Guest, Iteration,
-                          Jitter, Module, Parallel, Pause, Play, Plug, RebalanceCpuHotplug, RebalancePressure,
-                          RebalanceReconfigure, RebalanceRescan, RebalanceResize, Resume, Scenario,
-                          Sleep, Step, Unplug, WaitEvent, WaitGuest, WaitJob, WaitPcm, WaitQmp)
-from lab.scenario.steps import RebalanceWdtf
-from lab.timeline import Timeline, device_matches
+from lab.scenario import Guest, Iteration, Scenario, Step
+from lab.steps.base import DEFAULT_WAIT_S, Job, StepFailed
+from lab.timeline import Timeline
 from vdevice.topology import Device, HotplugMode, Placement, Topology
 
-DEFAULT_WAIT_S = 20.0
 #: per iteration: the rules the run applied and their context (see lab.inspect)
 RULES_FILE = "rules.json"
 
@@ -70,24 +66,6 @@ class _Lost(Exception):
         super().__init__(str(cause))
         self.result = result
         self.cause = cause
-
-
-class StepFailed(Exception):
-    """The guest or driver did not do what a step expects (iteration status: failed)."""
-
-    def __init__(self, violation: Violation) -> None:
-        super().__init__(violation.message)
-        self.violation = violation
-
-
-@dataclass
-class Job:
-    name: str
-    command: str
-    chan: Any
-    check: bool
-    started_ns: int
-    result: Any = None
 
 
 @dataclass
@@ -152,7 +130,7 @@ class ScenarioRunner:
         self.machine: Machine | None = None
         self.results: list[IterationResult] = []
         self.audio = audio if audio is not None else any(
-            isinstance(s, (AssertAudio, Play)) for k in self.indices[:1]
+            s.needs_audio for k in self.indices[:1]
             for s in _walk(self.sweep.iteration(k).steps))
         self._signals: dict[tuple[int, str], str] = {}   # (machine, file) -> guest path
         self.started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -684,73 +662,11 @@ class ScenarioRunner:
                                              detail))
 
     def _dispatch(self, m: Machine, st: IterationState, step: Step, *, since_ns: int) -> str | None:
-        if isinstance(step, Plug):
-            return self._plug(m, st, step)
-        if isinstance(step, Unplug):
-            return self._unplug(m, st, step)
-        if isinstance(step, RebalanceRescan):
-            return rb.rescan(m, step.device, remove=step.remove).summary()
-        if isinstance(step, RebalancePressure):
-            placement = step.placement or "sibling"
-            if placement == "same-port":
-                placement = "sibling"
-            return rb.pressure(m, step.device, size=None if step.size == "auto" else int(step.size),
-                               placement=placement, model=step.model,
-                               pressure_id=step.pressure_id, port=step.port).summary()
-        if isinstance(step, RebalanceCpuHotplug):
-            out = []
-            for _ in range(step.count):
-                out.append(rb.cpu_hotplug(m, step.device).summary())
-            return "; ".join(out)
-        if isinstance(step, RebalanceReconfigure):
-            return rb.reconfigure(m, step.device, model=step.model,
-                                  props={k: str(v) for k, v in step.props.items()}).summary()
-        if isinstance(step, RebalanceResize):
-            rb.resize(m, step.device)
-            return None
-        if isinstance(step, RebalanceWdtf):
-            return rb.wdtf(m, step.device, action=step.action, target=step.target,
-                           instance=step.instance).summary()
-        if isinstance(step, Guest):
-            return self._guest(m, st, step)
-        if isinstance(step, Module):
-            return m.guest.load_module(m, step.name, step.param_text(), reload=step.reload,
-                                       unload=step.unload)
-        if isinstance(step, Sleep):
-            time.sleep(step.duration.seconds)
-            return None
-        if isinstance(step, Jitter):
-            delay = step.delay.seconds if step.delay is not None else 0.0
-            time.sleep(delay)
-            return f"{delay * 1e3:.1f} ms"
-        if isinstance(step, Pause):
-            assert m.qmp is not None
-            m.qmp.execute("stop")
-            return None
-        if isinstance(step, Resume):
-            assert m.qmp is not None
-            m.qmp.execute("cont")
-            return None
-        if isinstance(step, WaitEvent):
-            return self._wait_event(m, st, step, since_ns)
-        if isinstance(step, WaitQmp):
-            return self._wait_qmp(m, step, since_ns)
-        if isinstance(step, WaitGuest):
-            return self._wait_guest(m, step)
-        if isinstance(step, WaitJob):
-            return self._wait_job(m, st, step)
-        if isinstance(step, WaitPcm):
-            return self._wait_pcm(m, step)
-        if isinstance(step, Play):
-            return self._play(m, st, step)
-        if isinstance(step, (AssertRule, AssertNoKind, AssertCount, AssertAudio)):
-            return self._assert(m, st, step)
-        if isinstance(step, Parallel):
-            return self._parallel(m, st, step)
-        raise LabError(f"{step.where}: the runner has no implementation for "
-                       f"{type(step).__name__}")
+        """Run one step: the step kind does it (``lab.steps``), with what this runner,
+        VM and iteration give it."""
+        return step.execute(_StepContext(self, m, st, since_ns))
 
-    # plug / unplug: return once QEMU accepted; a watcher records the outcome
+    # plug / unplug return once QEMU accepted; a watcher records the outcome
     def _background(self, st: IterationState, name: str, fn: Callable[[Callable[[], None]], Any]
                     ) -> None:
         accepted = threading.Event()
@@ -776,318 +692,94 @@ class ScenarioRunner:
             if isinstance(exc, (QemuError, LabError)) and not isinstance(exc, DeadlineExceeded):
                 raise exc
 
-    def _plug(self, m: Machine, st: IterationState, step: Plug) -> str:
-        base = next((d for d in self.topology.devices if d.id == step.device), None)
-        model = step.model or (base.model if base else None)
-        port = step.port or (base.port if base else None)
-        if model is None or port is None:
-            raise LabError(f"{step.where}: plug {step.device} needs a model and a port")
-        dev = Device(step.device, model, port, Placement.HOT,
-                     {k: str(v) for k, v in step.props.items()}, None,
-                     int(step.size) if step.size is not None else (base.size if base else None))
-        self._background(st, f"plug {dev.id}",
-                         lambda ack: ops.plug(m, dev, on_requested=ack))
-        return f"{model} into {port}"
 
-    def _unplug(self, m: Machine, st: IterationState, step: Unplug) -> str:
-        self._background(st, f"unplug {step.device}",
-                         lambda ack: ops.unplug(m, step.device, on_requested=ack))
-        return step.device
+class _StepContext:
+    """What a step's ``execute`` gets (``lab.steps.base.StepContext``): one step on one
+    VM, in one iteration of one runner (a parallel worker is a runner of its own)."""
 
-    def _guest(self, m: Machine, st: IterationState, step: Guest) -> str:
-        assert m.agent is not None
-        command = step.run if step.run is not None else m.agent.shell.join(step.argv or ())
-        if step.background:
-            name = step.name or f"job{len(st.jobs) + 1}"
-            chan = m.agent.open(command)
-            st.jobs[name] = Job(name, command, chan, step.check, time.time_ns())
-            return f"started {name}"
-        timeout = step.timeout.seconds if step.timeout else 60.0
-        r = m.agent.run(command, timeout=timeout)
-        (st.dir / "guest-commands.log").open("a").write(
-            f"$ {command}\n[exit {r.exit_status}]\n{r.stdout}{r.stderr}\n")
-        if step.check and not r.ok:
-            # a named check gets its own signature (guest.command@guest/<name>)
-            v = self._violation(st, "guest.command", "guest", step,
-                                f"`{command}` exited with {r.exit_status}: "
-                                f"{(r.stderr or r.stdout).strip()[-200:]}")
-            raise StepFailed(replace(v, phase=step.name) if step.name else v)
-        return f"exit {r.exit_status}"
+    def __init__(self, runner: ScenarioRunner, m: Machine, st: IterationState,
+                 since_ns: int) -> None:
+        self._runner = runner
+        self._st = st
+        self.machine = m
+        self.since_ns = since_ns
 
-    # ---- audio: play the lab's signal, wait for the PCM -----------------------------------
-    def _bdf(self, m: Machine, dev: str) -> str | None:
+    @property
+    def jobs(self) -> dict[str, Job]:
+        return self._st.jobs
+
+    @property
+    def players(self) -> set[str]:
+        return self._st.players
+
+    @property
+    def obs(self) -> Observation:
+        return self._st.obs
+
+    @property
+    def watcher_errors(self) -> list[str]:
+        return self._st.watcher_errors
+
+    def add_violations(self, found: Iterable[Violation]) -> None:
+        self._st.violations.extend(found)
+
+    def guest_log(self, text: str) -> None:
+        with (self._st.dir / "guest-commands.log").open("a") as f:
+            f.write(text)
+
+    def background(self, name: str, fn: Callable[[Callable[[], None]], Any]) -> None:
+        self._runner._background(self._st, name, fn)
+
+    def topology_device(self, dev: str) -> Device | None:
+        return next((d for d in self._runner.topology.devices if d.id == dev), None)
+
+    def bdf(self, dev: str) -> str | None:
+        m = self.machine
         try:
             return ops.device_bdf_from_qemu(m, dev) if m.qmp is not None else None
         except LabError:
             return None
 
-    def _signal(self, m: Machine, step: Play) -> str:
-        """The signal file in the guest: written and copied once per VM and variant."""
-        from lab.guest.audio_player import signal_name, write_signal_file
+    def device_id(self, dev: str | None) -> DeviceId | None:
+        if dev is None:
+            return None
+        return DeviceId(qom=dev, bdf=self.bdf(dev))
 
-        assert m.agent is not None and m.private is not None
-        player = self.guest.audio_player()
-        name = signal_name(step.seconds.seconds, step.fault, step.fault_at.seconds)
-        key = (id(m), name)
-        if key not in self._signals:
-            local = m.private / name
-            write_signal_file(local, step.seconds.seconds, step.fault, step.fault_at.seconds)
-            m.agent.run(player.prepare_command(), timeout=20.0).check()
-            remote = player.signal_path(name)
-            m.agent.put(local, remote)
-            local.unlink(missing_ok=True)
-            self._signals[key] = remote
-        return self._signals[key]
-
-    def _play(self, m: Machine, st: IterationState, step: Play) -> str:
-        assert m.agent is not None
-        if m.audio_path is None:
-            raise LabError(f"{step.where}: play needs the machine to capture audio")
-        signal = self._signal(m, step)
-        bdf = self._bdf(m, step.device)
-        command = self.guest.audio_player().play_command(step.name, signal, bdf)
-        old = st.jobs.pop(step.name, None)
-        if old is not None:
-            try:
-                old.chan.close()
-            except Exception:      # noqa: BLE001 - the old player's channel may be gone
-                pass
-        if st.obs.audio_device is None:
-            st.obs.audio_device = DeviceId(qom=step.device, bdf=bdf)
-        st.jobs[step.name] = Job(step.name, command, m.agent.open(command), False, time.time_ns())
-        st.players.add(step.name)
-        return f"{'restarted' if old else 'started'} {step.name} on {bdf or step.device}"
-
-    def _wait_pcm(self, m: Machine, step: WaitPcm) -> str:
-        """Poll until the device's playback PCM is there (what an audio service waits
-        for before reopening its stream)."""
-        assert m.agent is not None
-        timeout = step.timeout.seconds if step.timeout else DEFAULT_WAIT_S
-        end = time.monotonic() + timeout
-        while True:
-            bdf = self._bdf(m, step.pcm)
-            cmd = self.guest.audio_player().pcm_ready_command(bdf)
-            r = m.agent.run(cmd, timeout=max(1.0, min(10.0, end - time.monotonic())))
-            if r.ok:
-                return f"{step.pcm} PCM ready"
-            if time.monotonic() >= end:
-                raise StepFailed(Violation("wait.timeout", step.pcm, "wait",
-                                           f"{step.where}: the PCM of {step.pcm} did not "
-                                           f"appear within {timeout:.1f}s"))
-            time.sleep(0.05)
-
-    def _wait_job(self, m: Machine, st: IterationState, step: WaitJob) -> str:
-        assert m.agent is not None
-        job = st.jobs.get(step.job)
-        if job is None:
-            raise LabError(f"{step.where}: no background job named {step.job!r}")
-        timeout = step.timeout.seconds if step.timeout else 60.0
-        try:
-            r = m.agent.collect(job.chan, job.command, timeout)
-        except DeadlineExceeded:
-            raise StepFailed(self._violation(st, "wait.timeout", "guest", step,
-                                             f"job {job.name} still running after {timeout:.1f}s"))
-        (st.dir / "guest-commands.log").open("a").write(
-            f"$ {job.command} &\n[exit {r.exit_status}]\n{r.stdout}{r.stderr}\n")
-        if job.check and not r.ok:
-            raise StepFailed(self._violation(st, "guest.command", "guest", step,
-                                             f"job {job.name} exited with {r.exit_status}: "
-                                             f"{(r.stderr or r.stdout).strip()[-200:]}"))
-        return f"{job.name} exit {r.exit_status}"
-
-    def _live_events(self, m: Machine, st: IterationState) -> list[Event]:
+    def live_events(self) -> list[Event]:
         from lab.tracers.kernel_log import events_from_console
 
-        host = [e for e in self.run.events if e.t_host_ns >= st.started_ns]
+        m, st = self.machine, self._st
+        host = [e for e in self._runner.run.events if e.t_host_ns >= st.started_ns]
         guest = st.obs.guest.received()
         lines = [(ln.t_host_ns, ln.text) for ln in (m.console.lines(st.obs._console_cursor)
                                                      if m.console else [])]
         return host + guest + events_from_console(lines)
 
-    def _device_id(self, m: Machine, dev: str | None) -> DeviceId | None:
-        if dev is None:
-            return None
-        bdf = None
-        try:
-            bdf = ops.device_bdf_from_qemu(m, dev) if m.qmp is not None else None
-        except LabError:
-            pass
-        return DeviceId(qom=dev, bdf=bdf)
+    def audio_player(self) -> AudioPlayer:
+        return self._runner.guest.audio_player()
 
-    def _wait_event(self, m: Machine, st: IterationState, step: WaitEvent, since_ns: int) -> str:
-        """Until the event is on the live timeline. A QEMU that exits meanwhile ends the
-        wait at once (a panic with panic=-1 and -no-reboot does that): waiting out the
-        deadline for an event a dead guest cannot send only delays the verdict."""
-        kind = Kind(step.event)
-        timeout = step.timeout.seconds if step.timeout else DEFAULT_WAIT_S
-        end = time.monotonic() + timeout
-        bdfs: set[str] = set()
-        while True:
-            devid = self._device_id(m, step.device) if step.device else None
-            if devid and devid.bdf:
-                bdfs.add(devid.bdf)
-            for ev in self._live_events(m, st):
-                if ev.t_host_ns < since_ns:
-                    continue
-                if step.source and ev.source.value != step.source:
-                    continue
-                if not self._kind_matches(ev, kind):
-                    continue
-                if not step.matches_text(str(ev.data.get("text", ""))):
-                    continue
-                if step.device and not (ev.device and (ev.device.qom == step.device or
-                                                       (ev.device.bdf in bdfs))):
-                    continue
-                return f"{kind.value} after {(ev.t_host_ns - since_ns) / 1e6:.1f} ms"
-            if m.process is not None and not m.process.alive():
-                _qemu_answered(m, f"{step.where}: waiting for {kind.value}")
-            if time.monotonic() > end:
-                errs = "; ".join(st.watcher_errors[-2:])
-                raise StepFailed(self._violation(
-                    st, "wait.timeout", step.device or "guest", step,
-                    f"no {kind.value} event" + (f" for {step.device}" if step.device else "")
-                    + f" within {timeout:.1f}s" + (f" ({errs})" if errs else "")))
-            time.sleep(0.01)
+    def once_per_vm(self, key: str, make: Callable[[], str]) -> str:
+        cache = self._runner._signals
+        k = (id(self.machine), key)
+        if k not in cache:
+            cache[k] = make()
+        return cache[k]
 
-    @staticmethod
-    def _kind_matches(ev: Event, kind: Kind) -> bool:
-        if ev.kind == kind:
-            return True
-        # a bind uevent is the guest's own word that a driver is bound
-        return kind == Kind.BOUND and ev.kind == Kind.UEVENT and ev.data.get("action") == "bind"
+    def rule_context(self, tl: Timeline) -> RuleContext:
+        return self._runner._context(tl)
 
-    def _wait_qmp(self, m: Machine, step: WaitQmp, since_ns: int) -> str:
-        assert m.qmp is not None
-        timeout = step.timeout.seconds if step.timeout else DEFAULT_WAIT_S
-        cursor = m.qmp.cursor_at(since_ns)
-        ev = m.qmp.wait_event(step.qmp, after=cursor, timeout=timeout,
-                              match=(lambda e: (e.get("data") or {}).get("device") == step.device)
-                              if step.device else None)
-        return f"{step.qmp} at {ev.get('t_host_ns')}"
+    def qemu_answered(self, what: str) -> None:
+        _qemu_answered(self.machine, what)
 
-    def _wait_guest(self, m: Machine, step: WaitGuest) -> str:
-        assert m.agent is not None
-        cmd = step.guest if isinstance(step.guest, str) else m.agent.shell.join(step.guest)
-        timeout = step.timeout.seconds if step.timeout else DEFAULT_WAIT_S
-        end = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < end:
-            last = m.agent.run(cmd, timeout=max(1.0, end - time.monotonic()))
-            if last.ok:
-                return "ok"
-            time.sleep(step.interval.seconds)
-        raise StepFailed(Violation("wait.timeout", "guest", "wait",
-                                   f"{step.where}: `{cmd}` did not succeed within {timeout:.1f}s"
-                                   + (f" (last exit {last.exit_status})" if last else "")))
-
-    def _assert(self, m: Machine, st: IterationState, step: Any) -> str:
-        tl = st.obs.snapshot()
-        if isinstance(step, AssertRule):
-            ctx = self._context(tl)
-            found = check_all(tl, ctx, [step.rule])
-            if step.device:
-                found = [v for v in found if v.device == step.device]
-            if found:
-                st.violations.extend(found[1:])
-                raise StepFailed(found[0])
-            return f"{step.rule}: ok"
-        if isinstance(step, AssertNoKind):
-            bad = [e for e in tl.select(kinds=Kind(step.no_kind))
-                   if step.device is None or device_matches(e.device, step.device)]
-            if bad:
-                text = bad[0].data.get("text", "")
-                raise StepFailed(Violation(
-                    "assert.no-kind", step.device or "guest", "assert",
-                    f"{step.where}: {len(bad)} {Kind(step.no_kind).value} event(s), first: {text}"[:400],
-                    events=tuple(EventRef(e.seq, e.t_host_ns, e.kind.value, e.source.value)
-                                 for e in bad[:5])))
-            return "none"
-        if isinstance(step, AssertCount):
-            c = step.count
-            evs = [e for e in tl.select(kinds=Kind(c.kind))
-                   if (c.device is None or device_matches(e.device, c.device))
-                   and (c.source is None or e.source.value == c.source)]
-            n = len(evs)
-            ok = ((c.eq is None or n == c.eq) and (c.min is None or n >= c.min)
-                  and (c.max is None or n <= c.max))
-            if not ok:
-                raise StepFailed(Violation("assert.count", c.device or "guest", "assert",
-                                           f"{step.where}: {n} {Kind(c.kind).value} event(s); expected "
-                                           f"eq={c.eq} min={c.min} max={c.max}"))
-            return f"{n} {Kind(c.kind).value}"
-        if isinstance(step, AssertAudio):
-            return self._assert_audio(m, st, step)
-        raise LabError(f"{step.where}: unknown assert")
-
-    def _assert_audio(self, m: Machine, st: IterationState, step: AssertAudio) -> str:
-        """The iteration's audio so far (its own capture window, not the VM's whole
-        file): gaps, discontinuities, outages and whether the stream is back."""
-        if m.audio_path is None or not m.audio_path.exists():
-            raise LabError(f"{step.where}: audio assert needs audio capture (the codec's "
-                           "-audiodev wav); none was recorded")
-        got = st.obs.audio_analysis()
-        if got is None:
-            raise LabError(f"{step.where}: audio assert needs a `play` step before it")
-        summ = got.summary
-        gap_ms, disc = summ.longest_gap_ms, summ.discontinuities
-        outage = summ.longest_outage_ms
-        chk = step.audio
-        dev = st.obs.audio_device.label() if st.obs.audio_device else "audio"
-        if chk.max_gap is not None and gap_ms > chk.max_gap.ms:
-            raise StepFailed(Violation("assert.audio", dev, "assert",
-                                       f"{step.where}: longest gap {gap_ms:.1f} ms > "
-                                       f"{chk.max_gap.ms:.1f} ms"))
-        if chk.max_discontinuities is not None and disc > chk.max_discontinuities:
-            raise StepFailed(Violation("assert.audio", dev, "assert",
-                                       f"{step.where}: {disc} discontinuities > "
-                                       f"{chk.max_discontinuities}"))
-        if chk.max_outage is not None:
-            if not summ.resumed:
-                raise StepFailed(Violation("assert.audio", dev, "assert",
-                                           f"{step.where}: the stream stopped and is not "
-                                           "playing again"))
-            if outage > chk.max_outage.ms:
-                raise StepFailed(Violation("assert.audio", dev, "assert",
-                                           f"{step.where}: outage {outage:.1f} ms > "
-                                           f"{chk.max_outage.ms:.1f} ms"))
-        return (f"{summ.streams} stream(s), outage {outage:.1f} ms, longest gap "
-                f"{gap_ms:.1f} ms, {disc} discontinuities")
-
-    def _parallel(self, m: Machine, st: IterationState, step: Parallel) -> str:
-        errors: list[BaseException] = []
-
-        def branch(steps: Sequence[Step]) -> None:
-            try:
-                for s in steps:
-                    self._run_step(m, st, s)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=branch, args=(b.steps,), name=f"branch-{b.name}",
-                                    daemon=True) for b in step.branches]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        failed = [e for e in errors if isinstance(e, StepFailed)]
-        if failed:
-            st.violations.extend(f.violation for f in failed[1:])
-            raise failed[0]
-        if errors:
-            raise errors[0]
-        return f"{len(threads)} branches"
-
-    def _violation(self, st: IterationState, rule: str, device: str, step: Any,
-                   message: str) -> Violation:
-        return Violation(rule, device, "step", f"{step.where}: {message}")
+    def run_step(self, step: Step) -> None:
+        self._runner._run_step(self.machine, self._st, step)
 
 
 def _walk(steps: Iterable[Step]) -> Iterable[Step]:
     for s in steps:
         yield s
-        if isinstance(s, Parallel):
-            for b in s.branches:
-                yield from _walk(b.steps)
+        for _, inner in s.substeps():
+            yield from _walk(inner)
 
 
 def _version() -> str:

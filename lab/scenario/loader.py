@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, NoReturn, Union
 
 from lab.scenario.sweep import MAX_ITERATIONS
 from lab.record import check_recordable, parse_record
@@ -29,11 +29,8 @@ from lab.scenario.model import (ScenarioFile, Scenario, TopologyLike, TopologyRe
                                 TopologyResolver, TraceSpec, parse_limits)
 from lab.scenario.params import (GridParam, Param, Scalar, check_refs, find_refs, format_value,
                                  parse_parameters, substitute)
-from lab.scenario.steps import (AssertCount, AssertNoKind, AssertRule, Guest,
-                                ParseContext, Parallel, Play, Plug, RebalanceBase,
-                                RebalanceCpuHotplug, RebalancePressure, Step,
-                                Unplug, WaitEvent, WaitJob, WaitPcm, WaitQmp, check_known_rule,
-                                parse_step, walk)
+from lab.scenario.steps import (ParseContext, Plug, RebalanceCpuHotplug, Step,
+                                check_known_rule, parse_step, walk)
 from vdevice.errors import SpecError
 from vdevice.yamlsrc import Located, YamlPath, load, unknown, validate
 
@@ -320,7 +317,7 @@ def _check_steps(located: Located, params: Sequence[Param], topo: TopologyLike,
                 steps.append(parse_step(sub, ("steps", i), ctx))
             except SpecError as exc:
                 raise _with_values(exc, values, step_refs[i]) from None
-        checker = _RefChecker(sub, topo, plug_lines)
+        checker = RefChecker(sub, topo, plug_lines)
         try:
             checker.run(steps)
         except _RefError as exc:
@@ -367,22 +364,29 @@ class _RefError(Exception):
         self.path = path
 
 
-PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
-
-
 @dataclass
-class _State:
+class RefState:
+    """What the steps so far left: which devices exist, which jobs were started."""
+
+    PRESENT: ClassVar[str] = "present"
+    ABSENT: ClassVar[str] = "absent"
+    UNKNOWN: ClassVar[str] = "unknown"
+
     devices: dict[str, str]                       # id -> present | absent | unknown
     ever: set[str]                                # ids that existed at some point so far
     jobs: set[str]                                # background jobs started so far
     changed_at: dict[str, str] = field(default_factory=dict)   # id -> step path (errors)
 
-    def copy(self) -> _State:
-        return _State(dict(self.devices), set(self.ever), set(self.jobs), dict(self.changed_at))
+    def copy(self) -> RefState:
+        return RefState(dict(self.devices), set(self.ever), set(self.jobs), dict(self.changed_at))
 
 
-class _RefChecker:
-    """Walks concrete steps in order and tracks which devices exist.
+PRESENT, ABSENT, UNKNOWN = RefState.PRESENT, RefState.ABSENT, RefState.UNKNOWN
+
+
+class RefChecker:
+    """Walks concrete steps in order and tracks which devices exist; each step checks
+    itself (``StepBase.verify``) with the helpers here.
 
     Topology devices start as 'unknown' (cold ones exist at boot, hot ones once the
     lab plugs them); step-plugged devices are tracked exactly.
@@ -396,18 +400,25 @@ class _RefChecker:
         self.job_names: dict[str, str] = {}        # name -> path of the step that starts it
 
     def run(self, steps: Sequence[Step]) -> None:
-        state = _State({d: UNKNOWN for d in self.topo_devices}, set(self.topo_devices), set())
-        self._run(steps, state)
+        state = RefState({d: UNKNOWN for d in self.topo_devices}, set(self.topo_devices), set())
+        self.run_steps(steps, state)
 
-    def _run(self, steps: Sequence[Step], st: _State) -> None:
+    def run_steps(self, steps: Sequence[Step], st: RefState) -> None:
         for s in steps:
-            self._step(s, st)
+            s.verify(self, st)
 
     @staticmethod
-    def _fp(s: Step, *fields: str | int) -> YamlPath:
-        return s.yaml_path + (s.step_type,) + tuple(fields)
+    def fail(message: str, path: YamlPath) -> NoReturn:
+        """Refuse the scenario: ``message`` at the line of ``path``."""
+        raise _RefError(message, path)
 
-    def _known(self, dev: str, st: _State, path: YamlPath) -> None:
+    @staticmethod
+    def where(s: Step) -> str:
+        """How the messages of later steps name ``s``."""
+        return f"line {s.line}" if s.line else s.path
+
+    def known(self, dev: str, st: RefState, path: YamlPath) -> None:
+        """``dev`` is declared by the topology or plugged by an earlier step."""
         if dev in st.ever:
             return
         msg = unknown("device", dev, sorted(st.ever)) if st.ever else \
@@ -419,105 +430,22 @@ class _RefChecker:
             msg += "; declare it in the topology or plug it in an earlier step"
         raise _RefError(msg, path)
 
-    def _present(self, dev: str, st: _State, path: YamlPath, what: str) -> None:
-        self._known(dev, st, path)
+    def present(self, dev: str, st: RefState, path: YamlPath, what: str) -> None:
+        """``dev`` is known and not unplugged before this ``what``."""
+        self.known(dev, st, path)
         if st.devices.get(dev) == ABSENT:
             raise _RefError(f"device {dev!r} was unplugged ({st.changed_at.get(dev, '?')}) "
                             f"before this {what}", path)
 
-    def _port(self, port: str, path: YamlPath) -> None:
+    def port(self, port: str, path: YamlPath) -> None:
         if port not in self.ports:
             raise _RefError(unknown("port", port, self.ports), path)
 
-    def _plug(self, dev: str, st: _State, path: YamlPath, where: str) -> None:
+    def plug(self, dev: str, st: RefState, path: YamlPath, where: str) -> None:
+        """``dev`` is plugged here (refused when it is plugged already)."""
         if st.devices.get(dev) == PRESENT:
             raise _RefError(f"device {dev!r} is already plugged ({st.changed_at.get(dev, '?')}); "
                             "unplug it first", path)
         st.devices[dev] = PRESENT
         st.ever.add(dev)
         st.changed_at[dev] = f"at {where}"
-
-    def _step(self, s: Step, st: _State) -> None:
-        where = f"line {s.line}" if s.line else s.path
-        if isinstance(s, Plug):
-            if s.device not in self.topo_devices and (s.model is None or s.port is None):
-                missing = " and ".join(x for x, v in (("model", s.model), ("port", s.port))
-                                       if v is None)
-                raise _RefError(f"device {s.device!r} is not in the topology, so plug needs "
-                                f"its {missing}", self._fp(s))
-            if s.port is not None:
-                self._port(s.port, self._fp(s, "port"))
-            self._plug(s.device, st, self._fp(s, "device"), where)
-        elif isinstance(s, Unplug):
-            self._known(s.device, st, self._fp(s, "device"))
-            if st.devices.get(s.device) == ABSENT:
-                raise _RefError(f"device {s.device!r} is already unplugged "
-                                f"({st.changed_at.get(s.device, '?')})", self._fp(s, "device"))
-            st.devices[s.device] = ABSENT
-            st.changed_at[s.device] = f"at {where}"
-        elif isinstance(s, RebalanceBase):
-            dev = getattr(s, "device", None)
-            if dev is not None:
-                if isinstance(s, RebalanceCpuHotplug):
-                    self._known(dev, st, self._fp(s, "device"))
-                else:
-                    self._present(dev, st, self._fp(s, "device"), "rebalance")
-            if isinstance(s, RebalancePressure):
-                if s.port is not None:
-                    self._port(s.port, self._fp(s, "port"))
-                self._plug(s.pressure_id, st, self._fp(s, "id"), where)
-        elif isinstance(s, (WaitEvent, WaitQmp)):
-            if s.device is not None:
-                self._known(s.device, st, self._fp(s, "device"))
-        elif isinstance(s, (AssertRule, AssertNoKind)):
-            if s.device is not None:
-                self._known(s.device, st, self._fp(s, "device"))
-        elif isinstance(s, AssertCount):
-            if s.count.device is not None:
-                self._known(s.count.device, st, self._fp(s, "count", "device"))
-        elif isinstance(s, Guest):
-            if s.background and s.name:
-                first = self.job_names.get(s.name)
-                if first is not None and first != s.path:
-                    raise _RefError(f"background command name {s.name!r} is already used "
-                                    f"({first})", self._fp(s, "name"))
-                self.job_names[s.name] = s.path
-                st.jobs.add(s.name)
-        elif isinstance(s, Play):
-            self._present(s.device, st, self._fp(s, "device"), "play")
-            # a player is a background job: `wait: {job: NAME}` waits for it; playing a
-            # name again restarts it, so a second `play` of one name is not a clash
-            self.job_names.setdefault(s.name, s.path)
-            st.jobs.add(s.name)
-        elif isinstance(s, WaitPcm):
-            self._present(s.pcm, st, self._fp(s, "pcm"), "wait for its PCM")
-        elif isinstance(s, WaitJob):
-            if s.job not in st.jobs:
-                started = self.job_names.get(s.job)
-                msg = unknown("background command", s.job, sorted(st.jobs)) if st.jobs else \
-                    f"no background command {s.job!r} has been started"
-                if started:
-                    msg += f"; it starts in {started}, which does not run before this wait"
-                raise _RefError(msg, self._fp(s, "job"))
-        elif isinstance(s, Parallel):
-            self._parallel(s, st)
-
-    def _parallel(self, s: Parallel, st: _State) -> None:
-        start = st.copy()
-        changes: dict[str, tuple[str, str]] = {}        # device -> (branch, new state)
-        for b in s.branches:
-            bst = start.copy()
-            self._run(b.steps, bst)
-            for dev, state in bst.devices.items():
-                if start.devices.get(dev) == state:
-                    continue
-                if dev in changes:
-                    raise _RefError(f"branches {changes[dev][0]!r} and {b.name!r} both plug or "
-                                    f"unplug device {dev!r}; across branches the order is "
-                                    "undefined", self._fp(s))
-                changes[dev] = (b.name, state)
-                st.changed_at[dev] = bst.changed_at.get(dev, "")
-            st.ever |= bst.ever
-            st.jobs |= bst.jobs
-        for dev, (_, state) in changes.items():
-            st.devices[dev] = state

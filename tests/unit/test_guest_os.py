@@ -22,7 +22,9 @@ from tests.unit.guest_fakes import behaviour
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ("lab/operations.py", "lab/rebalance.py", "lab/observe.py", "lab/runner.py",
           "lab/machine.py", "lab/scenario/loader.py", "lab/record.py", "lab/record_run.py",
-          "lab/parallel.py", "lab/snapshot.py")
+          "lab/parallel.py", "lab/snapshot.py", "lab/steps/base.py", "lab/steps/plug.py",
+          "lab/steps/guest.py", "lab/steps/audio.py", "lab/steps/timing.py", "lab/steps/waits.py",
+          "lab/steps/vm.py", "lab/steps/parallel.py", "lab/steps/asserts.py")
 OS_WORD = re.compile(r"(?i)linux|windows")
 #: (module, name) pairs that are not the OS
 NOT_THE_OS = {("lab/rebalance.py", "windows"): "PCI bridge windows (vdevice.windows is "
@@ -33,7 +35,8 @@ DATA_AND_CLI = {
     "lab/doctor.py": "CLI parsing of --guest and the host tools each guest needs (data)",
     "lab/scenario/model.py": "the scenario schema's guest.os choices",
     "lab/scenario/overrides.py": "CLI parsing of --guest",
-    "lab/scenario/steps.py": "the per-OS description of each trigger (--help text)",
+    "lab/steps/rebalance.py": "the per-OS description of each trigger (--help text) and the "
+                              "wdtf step's instance-id field check",
     "lab/image.py": "the built-in image's folder, images/linux",
     "lab/inspect.py": "a run recorded before rules.json: its summary's guest OS, default linux",
 }
