@@ -12,10 +12,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from lab.events import Kind, Source
 from lab.image import GuestImage
 from lab.timeline import Timeline
 from tests.e2e.test_scenarios import SCENARIOS, rebalab, run_dir_of
+
+# serial: the guest plays in real time and the capture must have no gap over 20 ms and no
+# discontinuity but the planted one; a guest starved of CPU by another VM underruns
+pytestmark = pytest.mark.serial
 
 
 def _summary(run: Path) -> dict[str, Any]:

@@ -24,6 +24,9 @@ def _tmp_entries() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith("rebalab")}
 
 
+# serial: `_tmp_entries() <= before` looks at every rebalab-* entry of the temp dir; another
+# worker's VM starting meanwhile adds one
+@pytest.mark.serial
 def test_qemu_killed_mid_run(image: GuestImage, run_dir: RunDir) -> None:
     before = _tmp_entries()
     m = boot(image, run_dir)
@@ -42,6 +45,7 @@ def test_qemu_killed_mid_run(image: GuestImage, run_dir: RunDir) -> None:
     assert (run_dir.path / "console.log").stat().st_size > 0
 
 
+@pytest.mark.serial      # (as above: the whole temp dir)
 def test_exception_mid_run(image: GuestImage, run_dir: RunDir) -> None:
     before = _tmp_entries()
     with pytest.raises(RuntimeError, match="boom"):

@@ -296,6 +296,9 @@ def test_interrupted_cli_keeps_a_summary_that_says_where(phase: str, fault: str,
     _nothing_left(o)
 
 
+# serial: the dead lab's socket directory must still be there for this test's own reclaim;
+# any other worker's VM that starts meanwhile reclaims it first (Machine.start does)
+@pytest.mark.serial
 @pytest.mark.parametrize("phase, scenario", [("boot", COMMAND), ("command", COMMAND)])
 def test_killed_cli_leaves_qemu_nothing_and_the_next_run_reclaims(phase: str, scenario: str,
                                                                   image: GuestImage,

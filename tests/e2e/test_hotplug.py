@@ -12,6 +12,10 @@ from lab.image import GuestImage
 from lab.machine import Machine
 from vdevice.topology import Device, HotplugMode, Placement
 
+# the module-scoped `machine` fixture boots one VM per mode for all of these: keep them on
+# one xdist worker (--dist loadgroup), or each worker would boot its own
+pytestmark = pytest.mark.xdist_group("test_hotplug")
+
 
 def test_guest_is_ready_and_the_run_is_recorded(machine: Machine, image: GuestImage) -> None:
     assert machine.agent is not None

@@ -13,10 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from lab.image import GuestImage
 from tests.e2e.test_scenarios import rebalab, run_dir_of
 
 REPO = Path(__file__).resolve().parents[2]
+
+# serial: each test starts 2 VMs itself (--jobs 2; beside another worker's VM that is 3
+# TCG VMs on 2 cores), and the Ctrl-C one bounds its clean-up to 30 s of wall time
+pytestmark = pytest.mark.serial
 
 SWEEP = """name: jobs-sweep
 topology: default

@@ -17,6 +17,10 @@ from tests.e2e.conftest import ARTIFACTS, _safe
 from vdevice.presets import default_topology
 from vdevice.topology import Device, HotplugMode, Placement
 
+# the module-scoped `vm` fixture boots one VM per mode for all of these: keep them on one
+# xdist worker (--dist loadgroup), or each worker would boot its own
+pytestmark = pytest.mark.xdist_group("test_rebalance")
+
 
 @pytest.fixture(scope="module", params=[HotplugMode.ACPI, HotplugMode.NATIVE],
                 ids=lambda m: m.value)

@@ -25,8 +25,11 @@ def run_dir_of(out: str) -> Path:
     return Path(line.split(": ", 1)[1].strip())
 
 
-@pytest.mark.parametrize("name", ["hotplug-cycle", "rebalance-rescan", "rebalance-pressure",
-                                  "unplug-during-stream", "sweep-rebalance-delay"])
+@pytest.mark.parametrize("name", [
+    # serial: failed once beside other VMs (load 4-5 on 2 cores): ES1370's "unbound" not seen
+    # within the scenario's 10 s after device-deleted (cause not found: artifacts lost)
+    pytest.param("hotplug-cycle", marks=pytest.mark.serial),
+    "rebalance-rescan", "rebalance-pressure", "unplug-during-stream", "sweep-rebalance-delay"])
 def test_shipped_scenario_runs_and_reports(name: str, image: GuestImage, tmp_path: Path) -> None:
     """Each shipped file as it is, one round over its parameter grid (``--repeat 1``: the
     rounds are sampling, and the suite's time goes to the race acceptance runs; several

@@ -6,6 +6,8 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from lab import operations as ops
 from lab.events import Kind, Source
 from lab.image import GuestImage
@@ -18,6 +20,8 @@ from vdevice.topology import Device
 ALIGN_TARGET_NS = 1_000_000
 
 
+# serial: asserts the host/guest clock alignment bound (1 ms), which a loaded host widens
+@pytest.mark.serial
 def test_hotplug_cycle_timeline_is_causally_ordered(image: GuestImage, run_dir: RunDir) -> None:
     with boot(image, run_dir) as m:
         obs = Observation(m).start()
