@@ -1,1 +1,2 @@
-"""Tracers: turn raw records (QEMU trace log, guest kernel, ETW...) into ``Event`` values."""
+"""Host-side tracers: QEMU's trace log and the guest kernel's console lines as ``Event`` values
+(the guests' own tracers live with their OS under ``lab.guest``)."""

@@ -109,3 +109,27 @@ def test_gone_waits_for_the_remove_line() -> None:
     w.begin()
     threading.Timer(0.05, m.console.add, [REMOVE]).start()
     assert w.end().evidence == "uevent-console" and m.agent.ran == []
+
+
+def test_a_lost_line_costs_a_slice_not_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lab.guest.linux import waits
+    monkeypatch.setattr(waits, "GRACE_S", 0.05)
+    m = _machine(FakeAgent("bound uevent snd_hda_intel\n", 0))
+    w = bound_wait(m, "snd0", "ich9-intel-hda", "0000:01:00.0", "snd_hda_intel", 30.0)
+    w.begin()
+    t0 = time.monotonic()
+    seen = w.end()
+    assert time.monotonic() - t0 < 2.0
+    assert seen.evidence == "uevent" and len(m.agent.ran) == 1
+    assert "its uevent line was not on the console" in m.run.logs[0]
+
+
+def test_a_slow_driver_still_gets_the_console_evidence(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lab.guest.linux import waits
+    monkeypatch.setattr(waits, "GRACE_S", 0.05)
+    m = _machine(FakeAgent("not bound (uevent): driver=none\n", 3))   # not yet, each check
+    w = bound_wait(m, "snd0", "ich9-intel-hda", "0000:01:00.0", "snd_hda_intel", 30.0)
+    w.begin()
+    threading.Timer(0.3, m.console.add, [BIND]).start()
+    seen = w.end()
+    assert seen.evidence == "uevent-console" and len(m.agent.ran) >= 1
