@@ -36,8 +36,8 @@ from typing import Any
 from lab import operations as ops
 from lab import snapshot
 from lab.guest.audio_player import AudioPlayer
-from lab.errors import (ArtifactsLost, DeadlineExceeded, Interrupted, LabError, QemuError,
-                        is_disk_full)
+from lab.errors import (ArtifactsLost, ConnectionLost, DeadlineExceeded, Interrupted, LabError,
+                        QemuError, is_disk_full)
 from lab.events import DeviceId, Event, Kind, Source
 from lab.guest import GuestOs, for_scenario
 from lab.image import GuestImage
@@ -55,6 +55,9 @@ from lab.steps.base import DEFAULT_WAIT_S, Job, StepFailed
 from lab.timeline import Timeline
 from vdevice.topology import Device, HotplugMode, Placement, Topology
 
+#: how long a lost connection waits for QEMU's exit to become visible before the lab
+#: calls it an SSH drop (``_cause``)
+CAUSE_GRACE_S = 1.0
 #: per iteration: the rules the run applied and their context (see lab.inspect)
 RULES_FILE = "rules.json"
 
@@ -529,6 +532,13 @@ class ScenarioRunner:
         if str(exc).startswith("QEMU "):
             return str(exc)                  # already says it (_qemu_answered)
         state = _qemu_state(self.machine)
+        if state is None and isinstance(exc, ConnectionLost):
+            # a killed QEMU's sockets close before its exit status exists: the SSH drop can
+            # reach the lab a moment before the process is seen gone
+            end = time.monotonic() + CAUSE_GRACE_S
+            while state is None and time.monotonic() < end:
+                time.sleep(0.02)
+                state = _qemu_state(self.machine)
         return f"{state} during this step; the lab saw: {exc}" if state else str(exc)
 
     def _audio_measurements(self, st: IterationState | None, it_dir: Path,
