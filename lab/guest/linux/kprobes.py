@@ -229,28 +229,19 @@ class LinuxTracer:
         # the probes stay defined between observations of one boot (stop() disables
         # them): defining ~30 kprobes costs about a second under TCG
         same = cache.get("kprobe-defs") == defs
-        # armed: the probes are defined, enabled and on the global clock since an earlier
-        # observation of this boot (or of the VM a restore point was taken from). Then only
-        # the recording is switched (tracing_on) and the buffer cleared: enabling the
-        # group arms every kprobe and disabling disarms it (~130 ms each under TCG), and
-        # setting the clock resets the buffers (~50 ms): ~0.3 s an iteration saved
-        armed = same and cache.get("kprobe-armed") is True
         define = [] if same else [
             "echo > kprobe_events",   # the lab is the only kprobe user in its guest
             *(f"echo {sh.quote(d)} >> kprobe_events || echo failed: {sh.quote(d)} >&2" for d in defs)]
-        arm = [] if armed else [
+        script = "\n".join([
+            f"cd {TRACEFS} || exit 1",
+            "echo 0 > tracing_on",
             f"echo 0 > events/{GROUP}/enable 2>/dev/null",
             *define,
             # printk stamps with local_clock(), which is what the "global" trace clock reads;
             # "local" is raw sched_clock() and drifts from printk by ms under TCG
             "echo global > trace_clock",
-        ]
-        script = "\n".join([
-            f"cd {TRACEFS} || exit 1",
-            "echo 0 > tracing_on",
-            *arm,
             "echo > trace",
-            *([] if armed else [f"echo 1 > events/{GROUP}/enable"]),
+            f"echo 1 > events/{GROUP}/enable",
             "echo 1 > tracing_on",
             # the relay to the trace port, unless this boot's is still running
             f"if ! {{ [ -f {RELAY_PID} ] && kill -0 \"$(cat {RELAY_PID})\" 2>/dev/null; }}; then",
@@ -263,11 +254,9 @@ class LinuxTracer:
         r = agent.run(script, idempotent=True) if isinstance(agent, SshAgent) else agent.run(script)
         if not r.ok or "failed:" in r.stderr or "started" not in r.stdout:
             cache.pop("kprobe-defs", None)
-            cache.pop("kprobe-armed", None)
             err = agent.run(f"cat {TRACEFS}/error_log").stdout.strip()[-400:]
             raise AgentError(f"could not set up kprobes: {r.stderr.strip()[-300:]} {err}")
         cache["kprobe-defs"] = defs
-        cache["kprobe-armed"] = True
         self.parser = TraceParser(self.active)
         port = self.m.trace_port
         if port is None:
@@ -310,12 +299,11 @@ class LinuxTracer:
     def stop(self, *, drain_s: float = 2.0) -> list[Event]:
         """Stop tracing once everything recorded has arrived.
 
-        A marker is written to trace_marker and recording is switched off; trace_pipe
-        hands out events in timestamp order, so when the marker comes through the relay
-        every event before it has too (one recorded in the instant between the two
-        writes comes after it and is not this observation's). No fixed sleep: under load
-        a sleep is either too short (events lost) or wasted. The probes stay armed and
-        the relay runs for the next observation of this boot.
+        The probes are disabled and a marker is written to trace_marker; trace_pipe
+        hands out events in timestamp order, so when the marker comes through the
+        relay every event before it has too. No fixed sleep: under load a sleep is
+        either too short (events lost) or wasted. The relay stays for the next
+        observation of this boot.
         """
         agent = self.m.agent
         # a frozen QEMU (SIGSTOP) answers nothing: each SSH channel open would wait out
@@ -326,8 +314,8 @@ class LinuxTracer:
             self._drained.clear()
             self._drain_token = token
             try:
-                agent.run(f"cd {TRACEFS} && echo {token} > trace_marker && "
-                          "echo 0 > tracing_on", timeout=5)
+                agent.run(f"cd {TRACEFS} && echo 0 > events/{GROUP}/enable && "
+                          f"echo {token} > trace_marker", timeout=5)
                 if not self._drained.wait(drain_s):
                     self.m.run.log(f"kprobe trace: the drain marker did not arrive within "
                                    f"{drain_s:g} s; events just before the end may be missing")
