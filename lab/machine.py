@@ -406,10 +406,6 @@ class Machine:
             self.panic = event
         self.run.log(f"GUEST_PANICKED: {event.data['bugcheck']['description']}")
 
-    def dmesg(self) -> str | None:
-        """The guest kernel's log, or None (no agent, a guest without one, no answer)."""
-        return self.guest.kernel_log(self.agent) if self.agent is not None else None
-
     def stop(self, *, discard: bool = False) -> str | None:
         """Shut down with the ladder; let the guest collect what it needs first.
 
