@@ -165,6 +165,10 @@ class Machine:
         self._relays: list[FifoRelay] = []
         # reset: snapshot (lab.snapshot): start from this saved state instead of booting
         self.restore = restore
+        # the guest's state is thrown away after this iteration (reset: snapshot): what an
+        # observation would undo in the guest for the next one (disarming its kprobes) is
+        # not owed, only what the host needs (every trace event drained)
+        self.disposable = restore is not None
         self.state = MachineState.NEW
         # ids of devices in QEMU right now (cold ones from boot; plug/unplug keep it)
         self.present: set[str] = {d.id for d in topology.devices

@@ -298,6 +298,8 @@ class ScenarioRunner:
         m = Machine(self.topology, self.run, guest=self.guest, accel=self.accel,  # type: ignore[arg-type]
                     subdir=vm, audio_capture=self.audio,
                     record=self.recorder.spec(self.run.path / vm) if self.recorder else None)
+        # under snapshot reset the booted VM is discarded after its first iteration too
+        m.disposable = self.scenario.reset == "snapshot"
         self.machine = m
         m.start()
         self._accel = m.accel

@@ -11,7 +11,8 @@ there is one way in, not two. What a restore keeps true:
   topology's cold devices are present, so the restored command line is the topology's;
 - the agent: a new connection to the new forward (the guest's host key is the same);
 - the serial consoles and the trace relay: new sockets, and the guest's side of them
-  is restored with it (the kprobe relay keeps running inside the guest);
+  is restored with it (the kprobe relay keeps running inside the guest, the probes armed
+  as at the point: ``LinuxTracer`` asks the restored guest nothing at start);
 - the clock: each observation fits its own alignment from fresh sync samples, so the
   guest clock's jump back to the point's time is absorbed;
 - the tracer's knowledge of what the guest has defined (``Machine.guest_cache``) is the

@@ -335,7 +335,9 @@ class Builder:
                     "client_key_fingerprint": client.key.fingerprint(), "auth": "publickey only",
                     "server": f"sshd (openssh-server {pool['openssh-server'].info.version})",
                     "log": "/run/sshd.log"},
-            "serial": {"console": "ttyS0", "sync": "ttyS1", "sync_prefix": "rebalab-sync "},
+            "serial": {"console": "ttyS0", "sync": "ttyS1", "sync_prefix": "rebalab-sync ",
+                       # each sync token is also written to trace_marker (rootfs/init)
+                       "sync_trace_marker": True},
             "kernel_options": {
                 "rebalab.modules=a,b": "extra modules to load at boot",
                 "rebalab.loglevel=N": f"console log level (default {recipe.CONSOLE_LOGLEVEL}, at least 6)",
