@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from lab.privacy import child_env
@@ -62,7 +63,9 @@ def probe(binary: str | None = None) -> QemuInventory:
     try:
         d = json.loads(cache.read_text())
         return QemuInventory(version=tuple(d["version"]), devices=frozenset(d["devices"]),  # type: ignore[arg-type]
-                             properties=d["properties"], machines=frozenset(d["machines"]))
+                             properties=d["properties"], machines=frozenset(d["machines"]),
+                             migratable=(frozenset(d["migratable"]) if d["migratable"] is not None
+                                         else None))
     except (OSError, ValueError, KeyError):
         pass
     vm = _VERSION_RE.search(_run(binary, "--version"))
@@ -73,16 +76,42 @@ def probe(binary: str | None = None) -> QemuInventory:
     machines = frozenset(line.split()[0] for line in _run(binary, "-machine", "help").splitlines()[1:]
                          if line.strip())
     properties = {dev: device_properties(binary, dev) for dev in _PROBED if dev in devices}
-    inv = QemuInventory(version=version, devices=devices, properties=properties, machines=machines)
+    migratable = vmstate_names(binary)
+    inv = QemuInventory(version=version, devices=devices, properties=properties, machines=machines,
+                        migratable=migratable)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps({"version": version, "devices": sorted(devices),
-                                   "properties": properties, "machines": sorted(machines)}))
+                                   "properties": properties, "machines": sorted(machines),
+                                   "migratable": sorted(migratable) if migratable is not None
+                                   else None}))
         tmp.replace(cache)
     except OSError:
         pass
     return inv
+
+
+def vmstate_names(binary: str) -> frozenset[str] | None:
+    """The names of every migration state description the binary has
+    (``-dump-vmstate``: a JSON object keyed by them, ~1 MB), or None when it cannot say.
+
+    A device type with none (QEMU 7.2's ``edu``) is not refused by ``migrate``: it comes
+    back reset, under a guest that believes its BARs are still set up. The snapshot reset
+    refuses such a device at its restore point with this list (``lab.snapshot``)."""
+    with tempfile.TemporaryDirectory(prefix="rebalab-vmstate-") as tmp:
+        out = Path(tmp) / "vmstate.json"
+        _run(binary, "-machine", "none", "-nodefaults", "-display", "none",
+             "-dump-vmstate", str(out))
+        try:
+            if not out.is_file() or out.stat().st_size > 16 * 2**20:
+                return None
+            data = json.loads(out.read_text())
+        except (OSError, ValueError):
+            return None
+    if not isinstance(data, dict):
+        return None
+    return frozenset(str(k) for k in data)
 
 
 def device_properties(binary: str, device: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import random
@@ -278,16 +279,24 @@ class ScenarioRunner:
             return "?"
 
     # ---- machines ------------------------------------------------------------------------
-    def _ensure_machine(self) -> Machine:
+    def _ensure_machine(self, setup_key: str = "") -> Machine:
+        """The VM for the next iteration: the one running, else (snapshot reset) one
+        restored from the point when it holds this iteration's setup, else a new boot."""
         m = self.machine
         if m is not None and m.process is not None and m.process.alive():
             return m
         self._stop_machine()
         point = self.restore_point
-        if point is not None:
-            # the same artifacts directory as the VM that took the point: its logs go on
-            m = Machine(self.topology, self.run, guest=self.guest, accel=self.accel,
-                        subdir=self._snapshot_vm, audio_capture=self.audio, restore=point)
+        if point is not None and point.key != setup_key:
+            self.run.log(f"this iteration's steps before the restore point {point.name!r} "
+                         f"differ from the point's (a swept parameter): a new VM runs them "
+                         f"and takes a new point")
+        elif point is not None:
+            # the same artifacts directory as the VM that took the point: its logs go on;
+            # the devices plugged before the point are on its command line
+            m = Machine(point.topology or self.topology, self.run, guest=self.guest,
+                        accel=self.accel, subdir=self._snapshot_vm, audio_capture=self.audio,
+                        restore=point)
             self.machine = m
             m.start()
             self.run.log(f"VM restored from the snapshot in {m.timings.get('restore_s', 0):.2f} s "
@@ -351,13 +360,88 @@ class ScenarioRunner:
         if self.recorder is not None:
             raise LabError("reset: snapshot and --record do not go together: a recording "
                            "starts at boot, a restored VM did not boot")
+        from lab import qemu_caps
+        why = snapshot.unmigratable(self._point_devices(), qemu_caps.probe(qemu_caps.find_binary()))
+        if why is not None:
+            raise LabError(why)
 
-    def _take_restore_point(self, m: Machine) -> None:
-        """Once, on the first VM, when its first iteration's tracing is up: the state
-        every iteration starts from. Only the topology's cold devices are present then,
-        so a restored VM has the topology's command line; the kprobes are defined and
-        the trace relay runs, so a restored iteration does not pay ~2 s to set them up
-        again (the tracer's cache travels with the point)."""
+    def _point_devices(self) -> list[snapshot.PointDevice]:
+        """The devices present at the restore point of any of this run's iterations:
+        the topology's cold ones and those its setup (the steps before ``snapshot:``)
+        plugs and does not unplug."""
+        from lab.steps.plug import Plug, Unplug
+        from vdevice.catalog import get_model
+        out = {d.id: snapshot.PointDevice(d.id, d.catalog().driver, "the topology")
+               for d in self.topology.devices if d.placement == Placement.COLD}
+        seen: set[str] = set()
+        for k in self.indices:
+            setup, _, _, key = self._split(self.sweep.iteration(k))
+            if key in seen:
+                continue
+            seen.add(key)
+            present = dict(out)
+            for step in setup:
+                if isinstance(step, Plug):
+                    declared = next((d for d in self.topology.devices if d.id == step.device), None)
+                    model = step.model or (declared.model if declared else None)
+                    if model is not None:
+                        present[step.device] = snapshot.PointDevice(
+                            step.device, get_model(model).driver, step.where)
+                elif isinstance(step, Unplug):
+                    present.pop(step.device, None)
+            out |= present
+        return list(out.values())
+
+    def _split(self, it: Iteration) -> tuple[tuple[Step, ...], tuple[Step, ...], str, str]:
+        """(setup, body, point name, setup key): under snapshot reset, the steps before a
+        ``snapshot:`` step are the VM's setup, run once per VM and saved with the point;
+        the key tells setups apart (the same steps with the same values: the same key).
+        Elsewhere every step is the iteration's."""
+        from lab.steps.restore_point import RestorePointStep
+        steps = tuple(it.steps)
+        if self.scenario.reset != "snapshot":
+            return (), steps, "", ""
+        for i, step in enumerate(steps):
+            if isinstance(step, RestorePointStep):
+                setup = steps[:i]
+                text = json.dumps([x.to_yaml() for x in setup], sort_keys=True, default=str)
+                return setup, steps[i + 1:], step.name, hashlib.sha256(text.encode()).hexdigest()[:16]
+        return (), steps, "", ""
+
+    def _run_setup(self, m: Machine, it: Iteration, setup: Sequence[Step], name: str) -> None:
+        """The steps before the restore point, on a VM just booted, in an observation of
+        their own (``<vm>/setup-NAME/``), judged by the rules: a point must not hold a
+        broken guest. They belong to no iteration: every iteration, the first included,
+        starts its timeline at the point."""
+        where = m.artifacts / f"setup-{name}"
+        where.mkdir(parents=True, exist_ok=True)
+        self.run.log(f"setup before the restore point {name!r}: {len(setup)} step(s)")
+        obs = Observation(m, name="setup").start()
+        st = IterationState(it, obs, where, time.time_ns())
+        random.seed(it.seed)
+        failure: str | None = None
+        try:
+            for step in setup:
+                try:
+                    self._run_step(m, st, step)
+                except StepFailed as exc:
+                    failure = exc.violation.message
+                    break
+        finally:
+            self._end_jobs(st)
+            tl = obs.finish(where / "timeline.jsonl")
+        broken = self._final_rules(tl, where)
+        if failure is not None or broken:
+            why = failure or "; ".join(f"{v.rule}: {v.message}" for v in broken[:3])
+            raise LabError(f"the setup before the restore point {name!r} failed ({why}); "
+                           f"its timeline is in {where.relative_to(self.run.path)}")
+
+    def _take_restore_point(self, m: Machine, key: str = "", name: str = "") -> None:
+        """On a booted VM, when its first iteration's tracing is up (after the setup of a
+        ``snapshot:`` step, if any): the state every later iteration starts from. The
+        kprobes are armed and the trace relay runs, so a restored iteration does not pay
+        to set them up again (the tracer's cache travels with the point). A new point
+        (another setup) replaces the last one."""
         if self._snapshot_dir is None:
             self._snapshot_dir = Path(tempfile.mkdtemp(prefix="rebalab-snapshot-"))
             os.chmod(self._snapshot_dir, 0o700)
@@ -365,7 +449,8 @@ class ScenarioRunner:
             # reclaims it (lab.machine.reclaim_stale_private_dirs reads this)
             from lab.machine import OWNER_FILE
             (self._snapshot_dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
-        self.restore_point = snapshot.save(m, self._snapshot_dir / "restore-point.vmstate")
+        self.restore_point = snapshot.save(m, self._snapshot_dir / "restore-point.vmstate",
+                                           key=key, name=name)
         self._snapshot_vm = m.artifacts.name if m.artifacts != self.run.path else None
 
     def _discard_machine(self) -> None:
@@ -439,17 +524,21 @@ class ScenarioRunner:
                 # one recording per QEMU run, from its first instruction: a fresh VM
                 self._stop_machine()
                 self.recorder.begin(self.guest)
-            m = self._ensure_machine()
+            setup, body, point_name, setup_key = self._split(it)
+            m = self._ensure_machine(setup_key)
             self._forget_history(m)
+            if setup and m.restore is None:
+                stopped_at = f"the setup before the restore point {point_name!r}"
+                self._run_setup(m, it, setup, point_name)
             stopped_at = "starting the iteration's tracing (the guest's agent)"
             obs = Observation(m).start()
-            if self.scenario.reset == "snapshot" and self.restore_point is None:
+            if self.scenario.reset == "snapshot" and m.restore is None:
                 stopped_at = "saving the restore point"
-                self._take_restore_point(m)
+                self._take_restore_point(m, setup_key, point_name)
             stopped_at = None
             st = IterationState(it, obs, it_dir, time.time_ns())
             random.seed(it.seed)
-            for step in it.steps:
+            for step in body:
                 stopped_at = f"{step.where}: {_label_step(step)}"
                 self._run_step(m, st, step)
             stopped_at = None

@@ -7,8 +7,9 @@ Chosen over ``savevm``/``loadvm``: the built-in guest has no disk to keep a vmst
 and a fresh process is also how an iteration that oopsed or lost QEMU comes back, so
 there is one way in, not two. What a restore keeps true:
 
-- the hardware: the point is taken at the start of an iteration, when only the
-  topology's cold devices are present, so the restored command line is the topology's;
+- the hardware: the restored QEMU's command line is the topology's plus, as cold-plugged
+  devices, those hot-plugged before the point (a ``snapshot:`` step after the setup's
+  plugs), on the same ports, so every device's migration section finds its twin;
 - the agent: a new connection to the new forward (the guest's host key is the same);
 - the serial consoles and the trace relay: new sockets, and the guest's side of them
   is restored with it (the kprobe relay keeps running inside the guest, the probes armed
@@ -23,12 +24,15 @@ from __future__ import annotations
 
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from lab.deadline import poll, seconds
 from lab.errors import DeadlineExceeded, QemuError
+from vdevice.inventory import QemuInventory
+from vdevice.topology import Placement, Topology
 
 if TYPE_CHECKING:
     from lab.machine import Machine
@@ -42,6 +46,11 @@ class RestorePoint:
     save_s: float
     taken_at_ns: int
     guest_cache: dict[str, Any] = field(default_factory=dict)
+    # the machine at the point: devices hot-plugged before it are cold-plugged here
+    topology: Topology | None = None
+    # which setup (the steps before a ``snapshot:`` step) the point holds ("": none)
+    key: str = ""
+    name: str = ""
 
     def incoming_uri(self) -> str:
         # exec: runs through /bin/sh -c: the path is quoted for that shell
@@ -51,7 +60,41 @@ class RestorePoint:
         return f"{self.file.name} ({self.size / 2**20:.1f} MiB, saved in {self.save_s:.2f} s)"
 
 
-def save(m: Machine, path: Path) -> RestorePoint:
+@dataclass(frozen=True)
+class PointDevice:
+    """A device present at the restore point: its id, QEMU type and where it came from."""
+
+    id: str
+    driver: str
+    source: str          # "the topology" or the plug step's file:line
+
+
+def unmigratable(devices: Iterable[PointDevice], inventory: QemuInventory) -> str | None:
+    """Why a point holding ``devices`` cannot be restored (None: it can, or QEMU cannot
+    say). ``migrate`` does not refuse a device without migration state: the restored VM
+    would have it reset while its guest driver believes it set up."""
+    bad = [d for d in devices if inventory.can_migrate(d.driver) is False]
+    if not bad:
+        return None
+    names = "; ".join(f"{d.id} ({d.driver}, {d.source})" for d in bad)
+    return (f"reset: snapshot cannot restore {names}: QEMU {inventory.version_str} keeps no "
+            f"migration state for {'that type' if len(bad) == 1 else 'those types'} "
+            f"(-dump-vmstate lists none), so a restored VM would hold it reset under a "
+            f"driver that believes it is set up. Plug it after the restore point (after the "
+            f"snapshot step, or with no snapshot step at all), or use reset: replug or reboot")
+
+
+def topology_at(m: Machine) -> Topology:
+    """The machine's topology with every device present now cold-plugged, and only
+    those: the command line a QEMU needs to take this machine's state in. A declared
+    device not plugged now stays with the scenario's topology, where plug steps find it
+    (its port may be the one a setup step plugged another device into)."""
+    devices = tuple(replace(d, placement=Placement.COLD)
+                    for d in m.topology.devices if d.id in m.present)
+    return replace(m.topology, devices=devices)
+
+
+def save(m: Machine, path: Path, *, key: str = "", name: str = "") -> RestorePoint:
     """Save the running VM's whole state to ``path`` and let it run on.
 
     ``migrate`` pauses the guest at its end; ``cont`` resumes it, so the iteration that
@@ -83,8 +126,9 @@ def save(m: Machine, path: Path) -> RestorePoint:
     save_s = time.monotonic() - t0
     qmp.execute("cont")
     point = RestorePoint(file=path, size=path.stat().st_size, save_s=save_s,
-                         taken_at_ns=t_ns, guest_cache=dict(m.guest_cache))
-    m.run.log(f"restore point saved: {point.describe()}")
+                         taken_at_ns=t_ns, guest_cache=dict(m.guest_cache),
+                         topology=topology_at(m), key=key, name=name)
+    m.run.log(f"restore point {(name + ' ') if name else ''}saved: {point.describe()}")
     return point
 
 

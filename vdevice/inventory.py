@@ -18,6 +18,18 @@ class QemuInventory:
     # device name -> {property name -> type as QEMU prints it}; filled lazily per device
     properties: dict[str, dict[str, str]] = field(default_factory=dict)
     machines: frozenset[str] = frozenset()
+    # the names QEMU has migration state for (``-dump-vmstate``): a device whose type is
+    # not among them is silently reset by a migration (QEMU 7.2's ``edu``); None: unknown
+    migratable: frozenset[str] | None = None
+
+    def can_migrate(self, driver: str) -> bool | None:
+        """Whether a device of QEMU type ``driver`` keeps its state across a migration
+        (None: not known). A virtio PCI proxy migrates as its virtio device."""
+        if self.migratable is None:
+            return None
+        if driver in self.migratable:
+            return True
+        return driver.endswith("-pci") and f"{driver[:-4]}-device" in self.migratable
 
     def has_device(self, name: str) -> bool:
         return name in self.devices

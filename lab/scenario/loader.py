@@ -398,6 +398,7 @@ class RefChecker:
         self.ports = list(dict.fromkeys(topo.port_ids()))
         self.plug_lines = plug_lines
         self.job_names: dict[str, str] = {}        # name -> path of the step that starts it
+        self.seen: list[Step] = []                 # the steps checked so far, nested ones too
 
     def run(self, steps: Sequence[Step]) -> None:
         state = RefState({d: UNKNOWN for d in self.topo_devices}, set(self.topo_devices), set())
@@ -406,6 +407,7 @@ class RefChecker:
     def run_steps(self, steps: Sequence[Step], st: RefState) -> None:
         for s in steps:
             s.verify(self, st)
+            self.seen.append(s)
 
     @staticmethod
     def fail(message: str, path: YamlPath) -> NoReturn:

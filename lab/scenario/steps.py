@@ -33,6 +33,7 @@ from lab.steps.audio import PLAY_FAULTS, Play
 from lab.steps.timing import Jitter, Sleep
 from lab.steps.waits import WAIT_KINDS, WaitBase, WaitEvent, WaitGuest, WaitJob, WaitPcm, WaitQmp
 from lab.steps.vm import Pause, Resume
+from lab.steps.restore_point import RestorePointStep
 from lab.steps.parallel import Branch, Parallel
 from lab.steps.asserts import (ASSERT_KINDS, AssertAudio, AssertBase, AssertCount, AssertNoKind,
                                AssertRule, AudioCheck, CountCheck, check_known_rule)
@@ -43,7 +44,7 @@ __all__ = [
     "AudioCheck", "Branch", "CountCheck", "Guest", "Jitter", "Module", "PLAY_FAULTS",
     "Parallel", "ParseContext", "Pause", "Play", "Plug", "PropValue", "REBALANCE_TRIGGERS",
     "RebalanceBase", "RebalanceCpuHotplug", "RebalancePressure", "RebalanceReconfigure",
-    "RebalanceRescan", "RebalanceResize", "RebalanceWdtf", "Resume", "STEP_KINDS", "STEP_TYPES",
+    "RebalanceRescan", "RebalanceResize", "RebalanceWdtf", "RestorePointStep", "Resume", "STEP_KINDS", "STEP_TYPES",
     "Sleep", "Spec", "Step", "StepBase", "TRIGGER_EXERCISES", "Unplug", "WAIT_KINDS",
     "WaitBase", "WaitEvent", "WaitGuest", "WaitJob", "WaitPcm", "WaitQmp", "check_known_rule",
     "parse_step", "parse_steps", "walk",

@@ -104,3 +104,88 @@ def test_reset_none_unplugs_what_a_failed_iteration_left(image: GuestImage,
     assert [it["status"] for it in s["iterations"]] == ["failed", "passed"], r.stdout[-2000:]
     assert r.returncode == 1
     assert "the failed iteration left snd0 plugged" in (run / "lab.log").read_text()
+
+
+SETUP_POINT = """name: snapshot-after-setup
+topology: default
+guest: linux
+reset: snapshot
+parameters:
+  tag: [a, b]
+  n: [0, 1]
+steps:
+  # the VM's setup, run once per VM and per value of what it uses (tag)
+  - guest: {run: "echo ${tag} > /run/setup-tag"}
+  - plug: {device: snd1, model: AC97, port: rp2}
+  - wait: {event: bound, device: snd1, timeout: 20s}
+  - snapshot: {name: bound}
+  # every iteration: restored with its own setup's state, the device plugged and bound
+  - guest: {run: "grep -qx ${tag} /run/setup-tag && test ! -e /tmp/mark && touch /tmp/mark"}
+  - guest: {run: "ls /sys/bus/pci/drivers/snd_intel8x0 | grep -q '^0000:'"}
+  - rebalance: {trigger: rescan, device: snd1}
+  - wait: {event: bound, device: snd1, timeout: 20s}
+  - assert: {count: {kind: probe-enter, device: snd1, eq: 1}}
+  - sleep: "${n}ms"
+  - unplug: snd1
+  - wait: {event: unbound, device: snd1, timeout: 20s}
+"""
+
+UNMIGRATABLE = """name: edu-at-the-point
+topology: default
+guest: linux
+reset: snapshot
+steps:
+  - plug: {device: edu0, model: edu, port: rp2}
+  - wait: {event: bound, device: edu0, timeout: 20s}
+  - snapshot: bound
+  - rebalance: {trigger: rescan, device: edu0}
+"""
+
+
+def test_a_device_qemu_cannot_migrate_at_the_point_is_refused_before_any_vm(
+        image: GuestImage, tmp_path: Path) -> None:
+    sc = tmp_path / "edu.yaml"
+    sc.write_text(UNMIGRATABLE)
+    r = rebalab("run", str(sc), "--runs", str(tmp_path / "runs"))
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "cannot restore edu0 (edu, " in r.stderr and "edu.yaml:6" in r.stderr, r.stderr
+    assert "no migration state" in r.stderr
+    assert not list((tmp_path / "runs").glob("*/vm*")), "a VM was started"
+    # the same scenario with the device plugged after the point is fine to validate
+    ok = UNMIGRATABLE.replace("  - snapshot: bound\n", "").replace(
+        "steps:\n", "steps:\n  - snapshot: start\n")
+    sc.write_text(ok)
+    v = rebalab("validate", str(sc))
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_a_snapshot_step_saves_the_setup_and_each_setup_gets_its_own_point(
+        image: GuestImage, tmp_path: Path) -> None:
+    sc = tmp_path / "setup.yaml"
+    sc.write_text(SETUP_POINT)
+    r = rebalab("run", str(sc), "--runs", str(tmp_path / "runs"))
+    out = r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0, out
+    run = run_dir_of(r.stdout)
+    s = json.loads((run / "summary.json").read_text())
+    assert [it["status"] for it in s["iterations"]] == ["passed"] * 4, out
+    log = (run / "lab.log").read_text()
+    # tag a (iterations 0, 1), then tag b (2, 3): a setup and a point each, and the
+    # iteration after each point restored from it, the hot-plugged edu0 on the restored
+    # QEMU's command line
+    assert log.count("setup before the restore point 'bound'") == 2, log[-3000:]
+    assert log.count("restore point bound saved") == 2
+    assert log.count("differ from the point's") == 1
+    assert log.count("VM restored from the snapshot") == 2
+    assert len(re.findall(r"VM \d+ ready", log)) == 2
+    cmdlines = [p.read_text() for p in run.glob("vm*/qemu-cmdline.txt")]
+    assert any("-incoming" in c and "AC97,id=snd1" in c for c in cmdlines), cmdlines
+    # the setup's events are in the setup's timeline, not an iteration's: each
+    # iteration's timeline starts at the point, whether it took it or was restored
+    setups = sorted(run.glob("vm*/setup-bound/timeline.jsonl"))
+    assert len(setups) == 2
+    assert all('"hotplug-request"' in p.read_text() for p in setups)
+    for k in range(4):
+        tl = (run / "iterations" / str(k) / "timeline.jsonl").read_text()
+        assert '"hotplug-request"' not in tl, k
+        assert '"rebalance:rescan"' in tl and '"probe-enter"' in tl, k

@@ -26,7 +26,7 @@ from vdevice.yamlsrc import Located
 
 #: the YAML keys, in the order messages list them (unchanged by the move to lab.steps)
 KEYS = ["plug", "unplug", "rebalance", "guest", "module", "play", "sleep", "jitter", "wait",
-        "pause", "resume", "parallel", "assert"]
+        "pause", "resume", "snapshot", "parallel", "assert"]
 #: the families whose key is shared by several classes, and their variant maps
 FAMILIES: dict[str, Mapping[str, type[StepBase]]] = {
     "rebalance": S.REBALANCE_TRIGGERS, "wait": S.WAIT_KINDS, "assert": S.ASSERT_KINDS}
