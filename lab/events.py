@@ -89,6 +89,8 @@ class Kind(str, Enum):
     AUDIO_RESUMED = "audio-resumed"          # first good sample after it; duration = outage
     AUDIO_GAP = "audio-gap"
     AUDIO_DISCONTINUITY = "audio-discontinuity"
+    # host.trace: QEMU's HDA codec dropped its stream buffer (the host was too slow)
+    AUDIO_OVERRUN = "audio-overrun"
 
 
 @dataclass(frozen=True)

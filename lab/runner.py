@@ -648,6 +648,8 @@ class ScenarioRunner:
                "audio_discontinuities": float(s.discontinuities)}
         if s.outages_ms:
             out["audio_outage_ms"] = s.longest_outage_ms
+        if s.emulator_drops:
+            out["audio_emulator_drops"] = float(s.emulator_drops)
         return out
 
     def _final_rules(self, tl: Timeline, it_dir: Path | None = None) -> list[Violation]:

@@ -57,7 +57,8 @@ class RestorePoint:
         return f"exec:cat {shlex.quote(str(self.file))}"
 
     def describe(self) -> str:
-        return f"{self.file.name} ({self.size / 2**20:.1f} MiB, saved in {self.save_s:.2f} s)"
+        # the private directory's name too: it tells this run's point from another's
+        return f"{self.file.parent.name}/{self.file.name} ({self.size / 2**20:.1f} MiB, saved in {self.save_s:.2f} s)"
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,11 @@ class Agent(abc.ABC):
         """Read a command started with ``open`` to its end under a deadline."""
         raise AgentError(f"{type(self).__name__} cannot read a started command")
 
+    def finished(self, handle: Any) -> bool:
+        """Whether a command started with ``open`` has ended (its exit status is there):
+        never blocks, so a caller waiting for its effect can tell "not yet" from "never"."""
+        return False
+
     def run_argv(self, argv: Sequence[str], timeout: float | None = None, *,
                  idempotent: bool = False) -> CommandResult:
         """``argv`` quoted for the guest's shell. ``idempotent`` marks a query an agent

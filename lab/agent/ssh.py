@@ -350,6 +350,9 @@ class SshAgent(Agent):
             self._forget(chan)
         return status, out.getvalue(), err.getvalue()
 
+    def finished(self, chan: paramiko.Channel) -> bool:
+        return bool(chan.exit_status_ready())
+
     def collect(self, chan: paramiko.Channel, command: str, timeout: float,
                 t0: float | None = None, stdin: bytes | None = None) -> CommandResult:
         """Read a started command to its end under a deadline."""

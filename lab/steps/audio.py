@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import model_validator
 
 from lab.scenario.units import Duration, Id, Name
-from lab.steps.base import Job, StepBase, StepContext, step_kind
+from lab.steps.base import Job, StepBase, StepContext, StepFailed, step_kind
 
 if TYPE_CHECKING:
     from lab.scenario.loader import RefChecker, RefState
@@ -41,11 +41,19 @@ class Play(StepBase):
     seconds: Duration = Duration(30_000_000_000)
     fault: Literal["none", "drop-100ms", "repeat-buffer"] = "none"
     fault_at: Duration = Duration(1_000_000_000)
+    # the step ends when the host hears the stream (QEMU's capture grows), so that a
+    # `sleep` after it is time into the stream: a player that starts slowly (the first
+    # aplay of a VM under TCG, a loaded host) must not turn "rebalance 300 ms into the
+    # stream" into "rebalance before the stream"
+    wait_heard: bool = True
+    heard_timeout: Duration = Duration(10_000_000_000)
 
     @model_validator(mode="after")
     def _bounds(self) -> Play:
         if not 0 < self.seconds.ns <= 600_000_000_000:
             raise ValueError("seconds must be more than 0 and at most 10 minutes")
+        if not 0 < self.heard_timeout.ns <= 120_000_000_000:
+            raise ValueError("heard_timeout must be more than 0 and at most 2 minutes")
         if self.fault != "none" and self.fault_at.ns >= self.seconds.ns:
             raise ValueError("fault_at must be inside the stream (less than seconds)")
         return self
@@ -62,6 +70,7 @@ class Play(StepBase):
         st.jobs.add(self.name)
 
     def execute(self, ctx: StepContext) -> str:
+        from lab.audio_capture import frames_in
         from lab.errors import LabError
         from lab.events import DeviceId
 
@@ -80,10 +89,50 @@ class Play(StepBase):
                 pass
         if ctx.obs.audio_device is None:
             ctx.obs.audio_device = DeviceId(qom=self.device, bdf=bdf)
-        ctx.jobs[self.name] = Job(self.name, command, m.agent.open(command), False,
-                                  time.time_ns())
+        before = frames_in(m.audio_path)
+        job = Job(self.name, command, m.agent.open(command), False, time.time_ns())
+        ctx.jobs[self.name] = job
         ctx.players.add(self.name)
-        return f"{'restarted' if old else 'started'} {self.name} on {bdf or self.device}"
+        what = f"{'restarted' if old else 'started'} {self.name} on {bdf or self.device}"
+        if not self.wait_heard:
+            return what
+        return f"{what}; heard after {self._await_heard(ctx, job, before):.0f} ms"
+
+    def _await_heard(self, ctx: StepContext, job: Job, before: int) -> float:
+        """Until QEMU's capture holds frames written after the player started: the ms
+        that took. A player that ends first fails the step with what it said."""
+        from lab.audio_capture import frames_in
+        from lab.deadline import poll
+        from lab.errors import DeadlineExceeded
+
+        m = ctx.machine
+        agent, path = m.agent, m.audio_path
+        assert agent is not None and path is not None
+        t0 = time.monotonic()
+
+        def probe() -> str | None:
+            if frames_in(path) > before:
+                return "heard"
+            return "ended" if agent.finished(job.chan) else None
+
+        timeout = self.heard_timeout.seconds
+        try:
+            how = poll(f"the stream of {self.name} to be heard", timeout, probe, ceiling=0.01)
+        except DeadlineExceeded:
+            raise StepFailed(self.violation(
+                "wait.timeout", self.device,
+                f"the host heard nothing from {self.name} on {self.device} within "
+                f"{timeout:.1f}s (QEMU's capture did not grow)")) from None
+        if how == "ended":
+            r = agent.collect(job.chan, job.command, 5.0)
+            ctx.guest_log(f"$ {job.command} &\n[exit {r.exit_status}]\n{r.stdout}{r.stderr}\n")
+            ctx.jobs.pop(self.name, None)
+            ctx.players.discard(self.name)
+            raise StepFailed(self.violation(
+                "guest.command", self.device,
+                f"{self.name} ended (exit {r.exit_status}) before the host heard its stream: "
+                f"{(r.stderr or r.stdout).strip()[-200:]}"))
+        return (time.monotonic() - t0) * 1000
 
     def _signal(self, ctx: StepContext) -> str:
         """The signal file in the guest: written and copied once per VM and variant."""

@@ -3,8 +3,10 @@
 Debian's QEMU uses the ``log`` trace backend; with ``-D FILE`` each enabled event is a
 line ``PID@SECONDS.MICROS:event args`` stamped with host wall-clock time. We enable
 ``pci_update_mappings_add/_del`` (every BAR (un)mapping, with address and size) and
-``pci_cfg_write`` (config writes: the command register's memory/IO decode bits), and
-parse the file incrementally, so the lab can read what happened during one
+``pci_cfg_write`` (config writes: the command register's memory/IO decode bits), and,
+with audio captured, ``hda_audio_overrun`` (QEMU's HDA codec dropped its whole stream
+buffer because the audio backend did not drain it: a host too slow, not the guest);
+the file is parsed incrementally, so the lab can read what happened during one
 operation without rereading the whole file.
 """
 
@@ -18,6 +20,7 @@ from lab.events import DeviceId, Event, Kind, Source
 
 _LINE_RE = re.compile(r"^(\d+)@(\d+)\.(\d{1,9}):(\w+) (.*)$")
 _MAP_RE = re.compile(r"^(\S+) ([0-9a-f]{2}):([0-9a-f]{2})\.([0-7]) (\d+),0x([0-9a-f]+)\+0x([0-9a-f]+)$")
+_OVERRUN_RE = re.compile(r"^st (\S+)$")
 _CFG_RE = re.compile(r"^(\S+) ([0-9a-f]{2}):([0-9a-f]{2})\.([0-7]) @0x([0-9a-f]+) <- 0x([0-9a-f]+)$")
 PCI_COMMAND = 0x4
 CMD_IO, CMD_MEM = 0x1, 0x2
@@ -54,6 +57,16 @@ class QemuTraceParser:
             return [Event(t, Source.HOST_TRACE, kind, DeviceId(bdf=bdf),
                           data={**raw, "qemu_name": a[1], "bar": int(a[5]),
                                 "addr": int(a[6], 16), "size": int(a[7], 16)})]
+        if name == "hda_audio_overrun":
+            # hw/audio/trace-events: hda_audio_overrun(const char *stream) "st %s"; the
+            # codec's stream is named, not its PCI function: the audio lane's device
+            # (one player per capture) is the one it concerns
+            a = _OVERRUN_RE.match(args)
+            if not a:
+                self.unparsed += 1
+                return []
+            return [Event(t, Source.HOST_TRACE, Kind.AUDIO_OVERRUN, None,
+                          data={**raw, "stream": a[1]})]
         if name == "pci_cfg_write":
             a = _CFG_RE.match(args)
             if not a:

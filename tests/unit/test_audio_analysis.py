@@ -481,3 +481,83 @@ def test_analyze_pcm_window_matches_the_file(tmp_path: Path) -> None:
     sa.pop("analysis_s"), sb.pop("analysis_s")
     assert sa == sb and sa["window_start_frame"] == lo and sa["window_end_frame"] == hi
     assert {"streams", "outages_ms", "longest_outage_ms", "resumed"} <= set(sa)
+
+
+# ---- drops QEMU's HDA codec made itself (hda_audio_overrun) ---------------------------------
+
+def test_a_codec_buffer_drop_beside_an_overrun_is_the_emulators(tmp_path: Path) -> None:
+    # the capture of a loaded host: drops of 2048 frames (the codec's 8 KiB), 2000,
+    # 2048 and 1000 frames (no codec drop has those two sizes)
+    p = cap(tmp_path, sig(0, 10_000), sig(12_048, 10_000), sig(24_048, 10_000),
+            sig(36_096, 10_000), sig(47_096, 5_000))
+    r = analyze(p)
+    assert r.summary.discontinuities == 4 and r.summary.emulator_drops == 0
+    tb = AudioTimebase(0)
+    r = AudioAnalysis(**{**r.__dict__, "clock": tb})
+    at = [tb.host_ns(i.frame) for i in r.issues if i.kind == "discontinuity"]
+    assert [i.jump for i in r.issues if i.kind == "discontinuity"] == [2048, 2000, 2048, 1000]
+    # an overrun 5 ms after the first drop, one beside the 2000-frame drop, one 3 ms
+    # before the third, one 400 ms after the fourth (too far)
+    ex = r.excuse_emulator_drops([at[0] + 5 * MS, at[1], at[2] - 3 * MS, at[3] + 400 * MS])
+    assert ex.summary.discontinuities == 2 and ex.summary.emulator_drops == 2
+    assert ex.summary.dropped_frames == r.summary.dropped_frames - 2 * 2048
+    causes = [e.data["cause"] for e in inner(ex)]
+    assert causes == ["emulator-overrun", "drop", "emulator-overrun", "drop"]
+    # one overrun explains one drop; a drop of another size is never the codec's
+    one = r.excuse_emulator_drops([at[0], at[0] + MS])
+    assert one.summary.emulator_drops == 1
+    assert r.excuse_emulator_drops([at[3]]).summary.emulator_drops == 0
+    assert r.excuse_emulator_drops([]) is r
+
+
+def test_the_audio_rule_does_not_count_the_emulators_drops(tmp_path: Path) -> None:
+    from lab.rules.audio import AudioRules
+    from lab.rules.base import Limits, RuleContext
+    from lab.timeline import Timeline
+
+    r = analyze(cap(tmp_path, sig(0, 10_000), sig(12_048, 10_000)))
+    tb = AudioTimebase(0)
+    r = AudioAnalysis(**{**r.__dict__, "clock": tb})
+    (drop,) = [i for i in r.issues if i.kind == "discontinuity"]
+    dev = DeviceId(qom="snd0")
+    ctx = RuleContext(devices=(dev,), limits=Limits())
+    plain = Timeline.build({"audio": r.events(device=dev)})
+    assert [v.rule for v in AudioRules().check(plain, ctx)] == ["audio.discontinuity"]
+    ex = r.excuse_emulator_drops([tb.host_ns(drop.frame)])
+    excused = Timeline.build({"audio": ex.events(device=dev)})
+    assert AudioRules().check(excused, ctx) == []
+    (ev,) = excused.select(kinds=Kind.AUDIO_DISCONTINUITY)
+    assert ev.data["cause"] == "emulator-overrun"        # still on the timeline
+
+
+def test_a_stall_ended_by_the_codecs_drop_is_no_stream_stop(tmp_path: Path) -> None:
+    """The host stood still 200 ms (the file too), then the codec found its buffer full
+    and dropped it: the file runs on with the counter 2048 further. Without the trace
+    that reads as a stop and a restart; with an overrun beside it, as an excused drop."""
+    s1 = sig(0, RATE)
+    s2 = sig(RATE + 2048, RATE)
+    t2 = fns(RATE) + 200 * MS
+    _, r, _ = simulated(tmp_path, [(0, s1), (t2, s2)], t2 + 900 * MS,
+                        tick_phase_ns=4 * MS, poll_phase_ns=7 * MS)
+    [o] = r.outages
+    assert (o.last_counter, o.restart_counter, o.first_good_frame) == (RATE - 1, RATE + 2048,
+                                                                       o.last_good_frame + 1)
+    assert r.summary.streams == 2
+    assert o.resume_host_ns is not None
+    # no overrun near the resume: the stop stands (a stream that stalled is no excuse)
+    assert r.excuse_emulator_drops([o.resume_host_ns + 300 * MS]) is r
+    ex = r.excuse_emulator_drops([o.resume_host_ns - 4 * MS])
+    s = ex.summary
+    assert (s.streams, s.outages_ms, s.longest_outage_ms, s.emulator_drops) == (1, (), 0.0, 1)
+    assert ex.outages == () and s.discontinuities == 0
+    kinds = [(e.kind, e.data.get("cause")) for e in ex.events()]
+    assert kinds == [(Kind.AUDIO_START, None), (Kind.AUDIO_DISCONTINUITY, "emulator-overrun")]
+
+
+def test_a_new_player_after_a_stall_is_a_restart_even_beside_an_overrun(tmp_path: Path) -> None:
+    s1 = sig(0, RATE)
+    t2 = fns(RATE) + 200 * MS
+    _, r, _ = simulated(tmp_path, [(0, s1), (t2, sig(0, RATE))], t2 + 900 * MS)
+    [o] = r.outages
+    assert o.resume_host_ns is not None
+    assert r.excuse_emulator_drops([o.resume_host_ns]) is r

@@ -90,7 +90,9 @@ GOLDEN_LINUX: dict[str, list[str]] = {
         *_TAIL_SERIAL,
         "-netdev", "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22",
         "-device", "virtio-net-pci,netdev=n0,bus=pcie.0", "-audiodev", "wav,id=audio0,path=<ART>/audio.wav",
-        "-D", "<ART>/qemu-trace.log", "-msg", "timestamp=on", *_TRACES, "-smp", "2"],
+        # (audio captured: QEMU's own buffer drops traced too, added after the refactoring)
+        "-D", "<ART>/qemu-trace.log", "-msg", "timestamp=on", *_TRACES,
+        "-trace", "hda_audio_overrun", "-smp", "2"],
     "kernel_args": [
         *_HEAD, "-accel", "tcg", "-cpu", "qemu64,+rdrand", "-machine", "q35", "-m", "512", "-smp", "1,maxcpus=2", *_ROOT_PORTS,
         "-kernel", "/IMG/bzImage", "-initrd", "/IMG/initramfs.cpio.gz",

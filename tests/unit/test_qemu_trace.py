@@ -50,3 +50,13 @@ def test_tail_reads_incrementally_and_waits_for_complete_lines(tmp_path: Path) -
     assert [e.kind for e in evs] == [Kind.BAR_UNMAPPED]
     assert evs[0].t_host_ns == 1_000_002_000
     assert t.read_new() == []
+
+
+def test_hda_overrun_lines() -> None:
+    # hw/audio/trace-events: hda_audio_overrun(const char *stream) "st %s"
+    p = QemuTraceParser()
+    [ev] = p.parse_line("1049@1796278670.092627:hda_audio_overrun st dac")
+    assert ev.kind == Kind.AUDIO_OVERRUN and ev.device is None
+    assert ev.data["stream"] == "dac" and ev.t_host_ns == 1796278670_092627000
+    assert p.parse_line("1049@1796278670.092627:hda_audio_overrun stream dac adc") == []
+    assert p.unparsed == 1
