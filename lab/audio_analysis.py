@@ -566,6 +566,8 @@ class AudioSummary:
     window_end_frame: int = 0
     # drops QEMU's HDA codec made itself (hda_audio_overrun), not in discontinuities
     emulator_drops: int = 0
+    # stalls QEMU's late audio timer explains (audio_timer_delayed), not outages
+    host_stalls: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -589,7 +591,8 @@ class AudioAnalysis:
             return None
         return timebase.host_ns(s.stream_start_frame), timebase.host_ns(s.stream_end_frame)
 
-    def excuse_emulator_drops(self, overruns_ns: Sequence[int], *,
+    def excuse_emulator_drops(self, overruns_ns: Sequence[int],
+                              delays: Sequence[tuple[int, int]] = (), *,
                               tolerance_ns: int = OVERRUN_MATCH_NS) -> AudioAnalysis:
         """This analysis with the drops QEMU's HDA codec made itself set apart.
 
@@ -601,9 +604,16 @@ class AudioAnalysis:
         then the codec found its buffer full) reads as a stream stop and a restart; when
         the frames run on in the file with the counter exactly one buffer further and an
         overrun beside it, it was no stop: the outage becomes that excused drop. Any
-        other drop, or one no overrun is near, stays the guest's."""
+        other drop, or one no overrun is near, stays the guest's.
+
+        ``delays``: ``(host ns, ns)`` of QEMU's ``audio_timer_delayed`` lines (its audio
+        timer ran that late: the host did not run QEMU). A stall the counter ran on
+        across, frame after frame, that such a delay as long explains is the host's
+        too: no stop, no outage, no new stream; it stays on the timeline as an
+        ``audio-gap`` with ``cause="emulator-delay"`` and counts in
+        ``summary.host_stalls``."""
         s = self.summary
-        if not overruns_ns or s.signal != "counter":
+        if (not overruns_ns and not delays) or s.signal != "counter":
             return self
         size = HDA_CODEC_BUFFER_BYTES // (s.channels * SAMPLE_BYTES)
         tb = self.clock or AudioTimebase(0, rate=s.rate)
@@ -627,8 +637,24 @@ class AudioAnalysis:
                 n += 1
             issues.append(it)
         outages: list[AudioOutage] = []
-        merged = 0
+        merged = stalled = 0
+        late = sorted(delays)
         for o in self.outages:
+            seamless = (o.first_good_frame is not None and o.first_good_frame == o.last_good_frame + 1
+                        and not o.silent_frames and not o.unrecognised_frames)
+            if seamless and o.counter_continued and o.first_good_frame is not None:
+                t = tb.host_ns(o.first_good_frame)
+                # the timer's lateness explains the stillness, to within the ticks the
+                # file is written in
+                why = next((d for d in late if abs(d[0] - t) <= tolerance_ns
+                            and d[1] + 2 * TICK_NS >= o.stall_ns), None)
+                if why is not None:
+                    late.remove(why)
+                    issues = [replace(i, cause="emulator-delay")
+                              if i.kind == "stall" and i.frame == o.boundary_frame and not i.cause
+                              else i for i in issues]
+                    stalled += 1
+                    continue
             if (o.first_good_frame is not None and o.first_good_frame == o.last_good_frame + 1
                     and o.last_counter is not None and o.restart_counter is not None
                     and o.restart_counter == (o.last_counter + 1 + size) % CYCLE
@@ -641,14 +667,15 @@ class AudioAnalysis:
                 merged += 1
                 continue
             outages.append(o)
-        if not n and not merged:
+        if not n and not merged and not stalled:
             return self
         issues.sort(key=lambda i: i.frame)
         out_ms = tuple(round((o.outage_ns or 0) / 1e6, 3) for o in outages if o.resumed)
         summary = replace(s, discontinuities=s.discontinuities - n,
                           dropped_frames=s.dropped_frames - n * size,
                           emulator_drops=s.emulator_drops + n + merged,
-                          streams=s.streams - merged, outages_ms=out_ms,
+                          host_stalls=s.host_stalls + stalled,
+                          streams=s.streams - merged - stalled, outages_ms=out_ms,
                           longest_outage_ms=max(out_ms, default=0.0))
         return replace(self, summary=summary, issues=tuple(issues), outages=tuple(outages))
 
@@ -700,6 +727,12 @@ class AudioAnalysis:
                       "unrecognised_frames": o.unrecognised_frames})))
         for it in self.issues:
             if it.kind == "stall":          # told by the stop/resume events
+                if it.cause:                # unless it was no stop (the host stood still)
+                    ft = tb.frame_time(it.frame)
+                    out.append((it.frame, 3, Event(
+                        ft.t_ns, Source.HOST_AUDIO, Kind.AUDIO_GAP, device, it.stall_ns,
+                        data={**base(it.frame, ft), "cause": it.cause, "frames": 0,
+                              "ms": round((it.stall_ns or 0) / 1e6, 3)})))
                 continue
             if it.kind == "gap" and it.frames < self.min_gap_frames:
                 continue

@@ -91,6 +91,8 @@ class Kind(str, Enum):
     AUDIO_DISCONTINUITY = "audio-discontinuity"
     # host.trace: QEMU's HDA codec dropped its stream buffer (the host was too slow)
     AUDIO_OVERRUN = "audio-overrun"
+    # host.trace: QEMU's audio timer ran late by duration_ns (QEMU itself did not run)
+    AUDIO_TIMER_LATE = "audio-timer-late"
 
 
 @dataclass(frozen=True)

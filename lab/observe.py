@@ -187,16 +187,24 @@ class Observation:
                                      end_frame=pts[-1][1], progress=pts, pauses=pauses,
                                      start_host_ns=start_ns, end_host_ns=end_ns)
         if analysis.summary.dropped_frames or analysis.outages:
-            # a drop QEMU's HDA codec made itself (its host fell behind) is not the guest's
-            overruns = [e.t_host_ns for e in _trace_events(
-                self.m.artifacts / "qemu-trace.log", self.start_ns, self._trace_offset)
-                if e.kind == Kind.AUDIO_OVERRUN]
-            analysis = analysis.excuse_emulator_drops(overruns)
-            n = analysis.summary.emulator_drops
-            if n and final:
-                self.m.run.log(f"audio: QEMU's HDA codec dropped {n} buffer(s) of "
-                               f"{aa.HDA_CODEC_BUFFER_BYTES} bytes itself (hda_audio_overrun: "
-                               "the host did not keep up); not counted as discontinuities")
+            # a drop QEMU's HDA codec made itself, or a stall of QEMU itself (its host
+            # fell behind), is not the guest's
+            trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns,
+                                  self._trace_offset)
+            analysis = analysis.excuse_emulator_drops(
+                [e.t_host_ns for e in trace if e.kind == Kind.AUDIO_OVERRUN],
+                [(e.t_host_ns, e.duration_ns or 0) for e in trace
+                 if e.kind == Kind.AUDIO_TIMER_LATE])
+            s = analysis.summary
+            if final and s.emulator_drops:
+                self.m.run.log(f"audio: QEMU's HDA codec dropped {s.emulator_drops} buffer(s) "
+                               f"of {aa.HDA_CODEC_BUFFER_BYTES} bytes itself "
+                               "(hda_audio_overrun: the host did not keep up); not counted "
+                               "as discontinuities")
+            if final and s.host_stalls:
+                self.m.run.log(f"audio: {s.host_stalls} stall(s) of the capture with the "
+                               "counter running on were QEMU's own audio timer running late "
+                               "(audio_timer_delayed); not counted as outages")
         return analysis
 
     def _audio_events(self, pauses: tuple[clock.Pause, ...], *, final: bool) -> list[Event]:

@@ -650,6 +650,8 @@ class ScenarioRunner:
             out["audio_outage_ms"] = s.longest_outage_ms
         if s.emulator_drops:
             out["audio_emulator_drops"] = float(s.emulator_drops)
+        if s.host_stalls:
+            out["audio_host_stalls"] = float(s.host_stalls)
         return out
 
     def _final_rules(self, tl: Timeline, it_dir: Path | None = None) -> list[Violation]:

@@ -118,7 +118,8 @@ KIND_GROUPS: list[tuple[str, str, tuple[Kind, ...]]] = [
                                 Kind.CANCEL_REMOVE, Kind.PROBLEM, Kind.DEVICE_STATE)),
     # what the host heard: stream start, stop, resume (span = the outage), gaps, glitches
     ("audio", "#0891b2", (Kind.AUDIO_START, Kind.AUDIO_STOP, Kind.AUDIO_RESUMED,
-                          Kind.AUDIO_GAP, Kind.AUDIO_DISCONTINUITY, Kind.AUDIO_OVERRUN)),
+                          Kind.AUDIO_GAP, Kind.AUDIO_DISCONTINUITY, Kind.AUDIO_OVERRUN,
+                          Kind.AUDIO_TIMER_LATE)),
     ("driver I/O", "#16a34a", (Kind.DRIVER_IO,)),
     ("VM state", "#475569", (Kind.PAUSE, Kind.RESUME)),
     ("alarms", "#e11d48", (Kind.KERNEL_OOPS, Kind.GUEST_PANICKED)),

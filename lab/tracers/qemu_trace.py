@@ -5,7 +5,8 @@ line ``PID@SECONDS.MICROS:event args`` stamped with host wall-clock time. We ena
 ``pci_update_mappings_add/_del`` (every BAR (un)mapping, with address and size) and
 ``pci_cfg_write`` (config writes: the command register's memory/IO decode bits), and,
 with audio captured, ``hda_audio_overrun`` (QEMU's HDA codec dropped its whole stream
-buffer because the audio backend did not drain it: a host too slow, not the guest);
+buffer because the audio backend did not drain it: a host too slow, not the guest) and
+``audio_timer_delayed`` (QEMU's audio timer ran late: QEMU itself did not run);
 the file is parsed incrementally, so the lab can read what happened during one
 operation without rereading the whole file.
 """
@@ -21,6 +22,7 @@ from lab.events import DeviceId, Event, Kind, Source
 _LINE_RE = re.compile(r"^(\d+)@(\d+)\.(\d{1,9}):(\w+) (.*)$")
 _MAP_RE = re.compile(r"^(\S+) ([0-9a-f]{2}):([0-9a-f]{2})\.([0-7]) (\d+),0x([0-9a-f]+)\+0x([0-9a-f]+)$")
 _OVERRUN_RE = re.compile(r"^st (\S+)$")
+_DELAYED_RE = re.compile(r"^interval (\d{1,9}) ms$")
 _CFG_RE = re.compile(r"^(\S+) ([0-9a-f]{2}):([0-9a-f]{2})\.([0-7]) @0x([0-9a-f]+) <- 0x([0-9a-f]+)$")
 PCI_COMMAND = 0x4
 CMD_IO, CMD_MEM = 0x1, 0x2
@@ -67,6 +69,16 @@ class QemuTraceParser:
                 return []
             return [Event(t, Source.HOST_TRACE, Kind.AUDIO_OVERRUN, None,
                           data={**raw, "stream": a[1]})]
+        if name == "audio_timer_delayed":
+            # audio/trace-events: audio_timer_delayed(int interval) "interval %d ms": the
+            # audio timer ran this long after its last run (over 1.5 periods): QEMU did
+            # not run meanwhile, so neither did what it plays
+            a = _DELAYED_RE.match(args)
+            if not a:
+                self.unparsed += 1
+                return []
+            return [Event(t, Source.HOST_TRACE, Kind.AUDIO_TIMER_LATE, None,
+                          int(a[1]) * 1_000_000, data={**raw, "interval_ms": int(a[1])})]
         if name == "pci_cfg_write":
             a = _CFG_RE.match(args)
             if not a:

@@ -561,3 +561,32 @@ def test_a_new_player_after_a_stall_is_a_restart_even_beside_an_overrun(tmp_path
     [o] = r.outages
     assert o.resume_host_ns is not None
     assert r.excuse_emulator_drops([o.resume_host_ns]) is r
+
+
+def test_a_stall_the_late_audio_timer_explains_is_the_hosts(tmp_path: Path) -> None:
+    """QEMU did not run for 200 ms: the file stood still, then the counter ran on
+    frame after frame. With an ``audio_timer_delayed`` as long beside it, that is no
+    stop of the guest's stream; a shorter delay, or one far away, explains nothing."""
+    t2 = fns(RATE) + 200 * MS
+    _, r, _ = simulated(tmp_path, [(0, sig(0, RATE)), (t2, sig(RATE, RATE))], t2 + 900 * MS,
+                        tick_phase_ns=4 * MS, poll_phase_ns=7 * MS)
+    [o] = r.outages
+    assert o.counter_continued and r.summary.streams == 2 and o.resume_host_ns is not None
+    t = o.resume_host_ns
+    assert r.excuse_emulator_drops([], [(t, 50 * MS)]) is r            # too short
+    assert r.excuse_emulator_drops([], [(t + 500 * MS, 200 * MS)]) is r  # too far
+    assert r.excuse_emulator_drops([t], []) is r                        # no drop to explain
+    ex = r.excuse_emulator_drops([], [(t - 2 * MS, 195 * MS)])
+    s = ex.summary
+    assert (s.streams, s.outages_ms, s.host_stalls, s.emulator_drops) == (1, (), 1, 0)
+    evs = ex.events()
+    assert [(e.kind, e.data.get("cause")) for e in evs] == [
+        (Kind.AUDIO_START, None), (Kind.AUDIO_GAP, "emulator-delay")]
+    assert evs[1].duration_ns == o.stall_ns
+    # and the audio rule holds no such gap against the guest
+    from lab.rules.audio import AudioRules
+    from lab.rules.base import RuleContext
+    from lab.timeline import Timeline
+    dev = DeviceId(qom="snd0")
+    tl = Timeline.build({"audio": ex.events(device=dev)})
+    assert AudioRules().check(tl, RuleContext(devices=(dev,))) == []

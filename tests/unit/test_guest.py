@@ -92,7 +92,7 @@ GOLDEN_LINUX: dict[str, list[str]] = {
         "-device", "virtio-net-pci,netdev=n0,bus=pcie.0", "-audiodev", "wav,id=audio0,path=<ART>/audio.wav",
         # (audio captured: QEMU's own buffer drops traced too, added after the refactoring)
         "-D", "<ART>/qemu-trace.log", "-msg", "timestamp=on", *_TRACES,
-        "-trace", "hda_audio_overrun", "-smp", "2"],
+        "-trace", "hda_audio_overrun", "-trace", "audio_timer_delayed", "-smp", "2"],
     "kernel_args": [
         *_HEAD, "-accel", "tcg", "-cpu", "qemu64,+rdrand", "-machine", "q35", "-m", "512", "-smp", "1,maxcpus=2", *_ROOT_PORTS,
         "-kernel", "/IMG/bzImage", "-initrd", "/IMG/initramfs.cpio.gz",

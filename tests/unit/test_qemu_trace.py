@@ -60,3 +60,13 @@ def test_hda_overrun_lines() -> None:
     assert ev.data["stream"] == "dac" and ev.t_host_ns == 1796278670_092627000
     assert p.parse_line("1049@1796278670.092627:hda_audio_overrun stream dac adc") == []
     assert p.unparsed == 1
+
+
+def test_audio_timer_delayed_lines() -> None:
+    # audio/trace-events: audio_timer_delayed(int interval) "interval %d ms"
+    p = QemuTraceParser()
+    [ev] = p.parse_line("5154@1796279128.074825:audio_timer_delayed interval 42 ms")
+    assert ev.kind == Kind.AUDIO_TIMER_LATE and ev.duration_ns == 42_000_000
+    assert ev.data["interval_ms"] == 42 and ev.device is None
+    assert p.parse_line("5154@1796279128.074825:audio_timer_delayed interval -3 ms") == []
+    assert p.unparsed == 1
