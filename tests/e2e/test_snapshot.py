@@ -9,9 +9,25 @@ import json
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from lab.image import GuestImage
 from tests.e2e.test_scenarios import rebalab, run_dir_of
+
+
+def run_scenario(tmp_path: Path, name: str, text: str, rc: int,
+                 statuses: list[str]) -> tuple[Path, dict[str, Any]]:
+    """Run a scenario written to ``name``; its exit code and iteration statuses are
+    asserted (with the run's output on failure). Returns the run dir and summary."""
+    sc = tmp_path / name
+    sc.write_text(text)
+    r = rebalab("run", str(sc), "--runs", str(tmp_path / "runs"))
+    out = r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == rc, out
+    run = run_dir_of(r.stdout)
+    s = json.loads((run / "summary.json").read_text())
+    assert [it["status"] for it in s["iterations"]] == statuses, out
+    return run, s
 
 SCENARIO = """name: snapshot-reset
 topology: default
@@ -33,14 +49,8 @@ steps:
 
 def test_snapshot_reset_restores_every_iteration_and_recovers_from_a_panic(
         image: GuestImage, tmp_path: Path) -> None:
-    sc = tmp_path / "snap.yaml"
-    sc.write_text(SCENARIO)
-    r = rebalab("run", str(sc), "--runs", str(tmp_path / "runs"))
-    out = r.stdout[-3000:] + r.stderr[-2000:]
-    assert r.returncode == 1, out
-    run = run_dir_of(r.stdout)
-    s = json.loads((run / "summary.json").read_text())
-    assert [it["status"] for it in s["iterations"]] == ["passed", "failed", "passed", "passed"], out
+    run, s = run_scenario(tmp_path, "snap.yaml", SCENARIO, 1,
+                          ["passed", "failed", "passed", "passed"])
     panic = s["iterations"][1]
     assert {v["rule"] for v in panic["violations"]} & {"kernel.panic", "kernel.oops"}, panic
     log = (run / "lab.log").read_text()
@@ -98,13 +108,7 @@ steps:
 def test_reset_none_unplugs_what_a_failed_iteration_left(image: GuestImage,
                                                          tmp_path: Path) -> None:
     """A failed iteration's device is not the next iteration's lab error."""
-    sc = tmp_path / "left.yaml"
-    sc.write_text(LEFT_PLUGGED)
-    r = rebalab("run", str(sc), "--runs", str(tmp_path / "runs"))
-    run = run_dir_of(r.stdout)
-    s = json.loads((run / "summary.json").read_text())
-    assert [it["status"] for it in s["iterations"]] == ["failed", "passed"], r.stdout[-2000:]
-    assert r.returncode == 1
+    run, _ = run_scenario(tmp_path, "left.yaml", LEFT_PLUGGED, 1, ["failed", "passed"])
     assert "the failed iteration left snd0 plugged" in (run / "lab.log").read_text()
 
 
@@ -163,17 +167,10 @@ def test_a_device_qemu_cannot_migrate_at_the_point_is_refused_before_any_vm(
 
 def test_a_snapshot_step_saves_the_setup_and_each_setup_gets_its_own_point(
         image: GuestImage, tmp_path: Path) -> None:
-    sc = tmp_path / "setup.yaml"
-    sc.write_text(SETUP_POINT)
-    r = rebalab("run", str(sc), "--runs", str(tmp_path / "runs"))
-    out = r.stdout[-3000:] + r.stderr[-2000:]
-    assert r.returncode == 0, out
-    run = run_dir_of(r.stdout)
-    s = json.loads((run / "summary.json").read_text())
-    assert [it["status"] for it in s["iterations"]] == ["passed"] * 4, out
+    run, _ = run_scenario(tmp_path, "setup.yaml", SETUP_POINT, 0, ["passed"] * 4)
     log = (run / "lab.log").read_text()
     # tag a (iterations 0, 1), then tag b (2, 3): a setup and a point each, and the
-    # iteration after each point restored from it, the hot-plugged edu0 on the restored
+    # iteration after each point restored from it, the hot-plugged snd1 on the restored
     # QEMU's command line
     assert log.count("setup before the restore point 'bound'") == 2, log[-3000:]
     assert log.count("restore point bound saved") == 2
