@@ -23,7 +23,7 @@ RUN_PASSES = trap 'echo "make: interrupted"; exit 130' INT; failed=""; ran=0; \
 	if [ -n "$$failed" ]; then echo "make: failed passes:$$failed"; exit 1; fi; \
 	if [ $$ran = 0 ]; then echo "make: no pass selected a test"; exit 5; fi
 
-.PHONY: help setup image demo test test-unit test-e2e bench bench-race bench-logs bench-audio bench-throughput soak clean
+.PHONY: help setup image demo test test-unit test-e2e bench bench-race bench-logs bench-audio bench-throughput bench-snapshot-mechanism soak clean
 
 help:
 	@echo "make demo   - set up (apt packages, venv, guest image) and run the default hot-plug cycle"
@@ -67,6 +67,9 @@ bench-audio: setup
 
 bench-throughput: setup
 	$(PY) bench/throughput.py
+
+bench-snapshot-mechanism: setup
+	$(PY) bench/snapshot_mechanism.py
 
 soak: setup
 	$(PY) bench/soak.py --iterations 500
