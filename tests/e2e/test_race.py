@@ -149,3 +149,46 @@ def test_no_false_alarm_with_the_bug_off(image: GuestImage, tmp_path: Path) -> N
         assert ("remove-exit", "pci_device_remove") in kinds, kinds[:40]
         assert any(e.kind.value == "resource-moved" or e.kind.value == "operation"
                    for e in tl.events)
+
+
+@pytest.mark.serial
+def test_no_drain_under_snapshot_reset_on_two_vms_is_found_and_replays(
+        image: GuestImage, tmp_path: Path) -> None:
+    """Issue 11's first "done means": the race found with the same signature as the
+    plain sweep, by two VMs each restoring every iteration from its own point, and a
+    replay of a failing iteration, from a restore point again, reproducing it."""
+    r = rebalab("run", str(RACE), "--set", "bug=no-drain", "--reset", "snapshot",
+                "--jobs", "2", "--runs", str(tmp_path))
+    out = r.stdout[-4000:] + r.stderr[-2000:]
+    assert r.returncode == 1, out
+    run = run_dir_of(r.stdout)
+    s = _summary(run)
+    want = CLASS_SIGNATURE["no-drain"]
+    sigs = _sigs(s)
+    assert want in sigs and 1 <= sigs[want]["count"] <= len(DELAYS), out
+    assert sorted(it["index"] for it in s["iterations"]) == list(range(len(DELAYS)))
+    log = (run / "lab.log").read_text()
+    # one boot per VM, whatever oopsed: each later iteration, the one after an oops
+    # included, came from the VM's restore point
+    assert sorted(p.name for p in run.glob("job*-vm*")) == ["job1-vm1", "job2-vm1"], log[-3000:]
+    assert log.count("restore point saved") == 2, log[-3000:]
+    assert log.count("VM restored from the snapshot") == len(DELAYS) - 2, log[-3000:]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["scenario"]["reset"] == "snapshot"
+
+    # the failing iteration nearest the middle of the failing delays, as above
+    failing = sigs[want]["iterations"]
+    delay = {it["index"]: it["parameters"]["delay_ms"] for it in s["iterations"]}
+    mid = sorted(delay[i] for i in failing)[len(failing) // 2]
+    k = min(failing, key=lambda i: abs(delay[i] - mid))
+    rr = rebalab("replay", str(run), "--iteration", str(k), "--attempts", "8",
+                 "--runs", str(tmp_path))
+    rout = rr.stdout[-3000:] + rr.stderr[-1000:]
+    assert rr.returncode == 1, rout
+    again = run_dir_of(rr.stdout)
+    got = _summary(again)["iterations"]
+    assert {it["index"] for it in got} == {k}
+    assert got[-1]["status"] == "failed", rout
+    assert want in {str(v["signature"]) for v in got[-1]["violations"]}, rout
+    rlog = (again / "lab.log").read_text()
+    assert "restore point saved" in rlog, rlog[-2000:]
