@@ -35,14 +35,28 @@ def _sigs(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["signature"]: s for s in summary["signatures"]}
 
 
-@pytest.mark.parametrize("bug", sorted(CLASS_SIGNATURE))
-def test_planted_bug_is_found_per_delay_and_replays(bug: str, image: GuestImage,
-                                                    tmp_path: Path) -> None:
-    r = rebalab("run", str(RACE), "--set", f"bug={bug}", "--runs", str(tmp_path))
+def _failed_run(tmp_path: Path, *args: str) -> tuple[Path, dict[str, Any], str, str]:
+    """``rebalab ARGS --runs tmp_path``, which must exit 1 (something failed): its run
+    directory, summary, the tail of its output (for assertion messages) and its stdout."""
+    r = rebalab(*args, "--runs", str(tmp_path))
     out = r.stdout[-4000:] + r.stderr[-2000:]
     assert r.returncode == 1, out
     run = run_dir_of(r.stdout)
-    s = _summary(run)
+    return run, _summary(run), out, r.stdout
+
+
+def _middle_failing(s: dict[str, Any], failing: list[int]) -> int:
+    """The failing iteration nearest the middle of the failing delays: for a race, the
+    most reproducible timing."""
+    delay = {it["index"]: it["parameters"]["delay_ms"] for it in s["iterations"]}
+    mid = sorted(delay[i] for i in failing)[len(failing) // 2]
+    return min(failing, key=lambda i: abs(delay[i] - mid))
+
+
+@pytest.mark.parametrize("bug", sorted(CLASS_SIGNATURE))
+def test_planted_bug_is_found_per_delay_and_replays(bug: str, image: GuestImage,
+                                                    tmp_path: Path) -> None:
+    run, s, out, stdout = _failed_run(tmp_path, "run", str(RACE), "--set", f"bug={bug}")
     # every iteration ran to a verdict: an oops restarts the guest, the sweep goes on
     statuses = [it["status"] for it in s["iterations"]]
     assert len(statuses) == len(DELAYS) and set(statuses) <= {"passed", "failed"}, out
@@ -65,7 +79,7 @@ def test_planted_bug_is_found_per_delay_and_replays(bug: str, image: GuestImage,
     assert all(g["ran"] == 1 for g in groups.values()), groups
     assert sum(g["failed"] for g in groups.values()) == sum(
         1 for it in s["iterations"] if it["status"] == "failed")
-    assert "by delay_ms" in r.stdout and "100.0 %" in r.stdout
+    assert "by delay_ms" in stdout and "100.0 %" in stdout
     # the driver's own callbacks were traced (kprobes on MOD:func armed before it loaded)
     tl = Timeline.read(run / "iterations" / "0" / "timeline.jsonl")
     funcs = {e.data.get("func") for e in tl.events}
@@ -101,17 +115,10 @@ def test_planted_bug_is_found_per_delay_and_replays(bug: str, image: GuestImage,
     # the one nearest the middle of the failing delays (the most reproducible timing);
     # the guest's scheduling is not replayed, so a race gets several attempts and the
     # replay stops at the first that fails. The deterministic bugs fail at the first.
-    failing = sigs[want]["iterations"]
-    delay = {it["index"]: it["parameters"]["delay_ms"] for it in s["iterations"]}
-    mid = sorted(delay[i] for i in failing)[len(failing) // 2]
-    k = min(failing, key=lambda i: abs(delay[i] - mid))
+    k = _middle_failing(s, sigs[want]["iterations"])
     tries = 8
-    rr = rebalab("replay", str(run), "--iteration", str(k), "--attempts", str(tries),
-                 "--runs", str(tmp_path))
-    rout = rr.stdout[-3000:] + rr.stderr[-1000:]
-    assert rr.returncode == 1, rout
-    again = run_dir_of(rr.stdout)
-    rs = _summary(again)
+    again, rs, rout, _ = _failed_run(tmp_path, "replay", str(run), "--iteration", str(k),
+                                  "--attempts", str(tries))
     got = rs["iterations"]
     n = len(got)
     assert [(it["index"], it["attempt"]) for it in got] == [(k, a) for a in range(1, n + 1)]
@@ -157,12 +164,8 @@ def test_no_drain_under_snapshot_reset_on_two_vms_is_found_and_replays(
     """Issue 11's first "done means": the race found with the same signature as the
     plain sweep, by two VMs each restoring every iteration from its own point, and a
     replay of a failing iteration, from a restore point again, reproducing it."""
-    r = rebalab("run", str(RACE), "--set", "bug=no-drain", "--reset", "snapshot",
-                "--jobs", "2", "--runs", str(tmp_path))
-    out = r.stdout[-4000:] + r.stderr[-2000:]
-    assert r.returncode == 1, out
-    run = run_dir_of(r.stdout)
-    s = _summary(run)
+    run, s, out, _ = _failed_run(tmp_path, "run", str(RACE), "--set", "bug=no-drain",
+                              "--reset", "snapshot", "--jobs", "2")
     want = CLASS_SIGNATURE["no-drain"]
     sigs = _sigs(s)
     assert want in sigs and 1 <= sigs[want]["count"] <= len(DELAYS), out
@@ -176,17 +179,10 @@ def test_no_drain_under_snapshot_reset_on_two_vms_is_found_and_replays(
     meta = json.loads((run / "run.json").read_text())
     assert meta["scenario"]["reset"] == "snapshot"
 
-    # the failing iteration nearest the middle of the failing delays, as above
-    failing = sigs[want]["iterations"]
-    delay = {it["index"]: it["parameters"]["delay_ms"] for it in s["iterations"]}
-    mid = sorted(delay[i] for i in failing)[len(failing) // 2]
-    k = min(failing, key=lambda i: abs(delay[i] - mid))
-    rr = rebalab("replay", str(run), "--iteration", str(k), "--attempts", "8",
-                 "--runs", str(tmp_path))
-    rout = rr.stdout[-3000:] + rr.stderr[-1000:]
-    assert rr.returncode == 1, rout
-    again = run_dir_of(rr.stdout)
-    got = _summary(again)["iterations"]
+    k = _middle_failing(s, sigs[want]["iterations"])
+    again, rs, rout, _ = _failed_run(tmp_path, "replay", str(run), "--iteration", str(k),
+                                  "--attempts", "8")
+    got = rs["iterations"]
     assert {it["index"] for it in got} == {k}
     assert got[-1]["status"] == "failed", rout
     assert want in {str(v["signature"]) for v in got[-1]["violations"]}, rout
