@@ -122,6 +122,10 @@ HDA_CODEC_BUFFER_BYTES = 8192
 #: how far (host time) a drop may lie from the overrun that explains it: the drop's
 #: frame is timed to within a poll and an audio tick, the trace line to the microsecond
 OVERRUN_MATCH_NS = 100_000_000
+#: ``AudioIssue.cause`` (and the timeline event's ``cause``) of what the emulator did,
+#: not the guest: a codec buffer dropped, a stall of QEMU's own audio timer
+EMULATOR_OVERRUN = "emulator-overrun"
+EMULATOR_DELAY = "emulator-delay"
 #: the largest all-zero block compared at once
 _ZERO_BLOCK_BYTES = 1 << 22
 
@@ -633,37 +637,38 @@ class AudioAnalysis:
         for it in self.issues:
             if it.kind == "discontinuity" and it.jump == size and not it.cause \
                     and take(tb.host_ns(it.frame)):
-                it = replace(it, cause="emulator-overrun")
+                it = replace(it, cause=EMULATOR_OVERRUN)
                 n += 1
             issues.append(it)
         outages: list[AudioOutage] = []
         merged = stalled = 0
         late = sorted(delays)
         for o in self.outages:
-            seamless = (o.first_good_frame is not None and o.first_good_frame == o.last_good_frame + 1
-                        and not o.silent_frames and not o.unrecognised_frames)
-            if seamless and o.counter_continued and o.first_good_frame is not None:
-                t = tb.host_ns(o.first_good_frame)
+            first = o.first_good_frame
+            # the frames run on in the file: no silence, no start-up noise between
+            if (first is None or first != o.last_good_frame + 1 or o.silent_frames
+                    or o.unrecognised_frames):
+                outages.append(o)
+                continue
+            t = tb.host_ns(first)
+            if o.counter_continued:
                 # the timer's lateness explains the stillness, to within the ticks the
                 # file is written in
                 why = next((d for d in late if abs(d[0] - t) <= tolerance_ns
                             and d[1] + 2 * TICK_NS >= o.stall_ns), None)
                 if why is not None:
                     late.remove(why)
-                    issues = [replace(i, cause="emulator-delay")
+                    issues = [replace(i, cause=EMULATOR_DELAY)
                               if i.kind == "stall" and i.frame == o.boundary_frame and not i.cause
                               else i for i in issues]
                     stalled += 1
                     continue
-            if (o.first_good_frame is not None and o.first_good_frame == o.last_good_frame + 1
-                    and o.last_counter is not None and o.restart_counter is not None
-                    and o.restart_counter == (o.last_counter + 1 + size) % CYCLE
-                    and not o.silent_frames and not o.unrecognised_frames
-                    and take(tb.host_ns(o.first_good_frame))):
-                issues.append(AudioIssue("discontinuity", o.first_good_frame, jump=size,
+            elif (o.last_counter is not None
+                    and o.restart_counter == (o.last_counter + 1 + size) % CYCLE and take(t)):
+                issues.append(AudioIssue("discontinuity", first, jump=size,
                                          counter_before=o.last_counter,
                                          counter_after=o.restart_counter,
-                                         cause="emulator-overrun"))
+                                         cause=EMULATOR_OVERRUN))
                 merged += 1
                 continue
             outages.append(o)

@@ -263,9 +263,9 @@ class Machine:
             *(recordable_network(guest.network) if self.record else guest.network),
             "-audiodev", audio,
             "-D", str(art / "qemu-trace.log"), "-msg", "timestamp=on",
-            *[a for ev in self.trace_events for a in ("-trace", ev)],
-            *[a for ev in (AUDIO_TRACE_EVENTS if self.audio_path is not None else ())
-              if ev not in self.trace_events for a in ("-trace", ev)],
+            *[a for ev in dict.fromkeys(self.trace_events + (
+                AUDIO_TRACE_EVENTS if self.audio_path is not None else ()))
+              for a in ("-trace", ev)],
             *self.extra_args,
             *(rr_args("record", self.record.file, netdev=netdev_id(guest.network),
                       snapshots=self.record.snapshots) if self.record else ()),

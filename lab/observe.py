@@ -161,10 +161,12 @@ class Observation:
         return tl
 
     def audio_analysis(self, pauses: tuple[clock.Pause, ...] | None = None, *,
-                       final: bool = False) -> aa.AudioAnalysis | None:
+                       final: bool = False,
+                       trace: list[Event] | None = None) -> aa.AudioAnalysis | None:
         """The capture window of this observation analysed: from its start to now, or to
         the moment the lab stopped the players (so the lab's own stop is no outage).
-        None when nothing was played in it."""
+        None when nothing was played in it. ``trace``: QEMU's trace events of this
+        observation when the caller read them already (the timeline's build)."""
         path = getattr(self.m, "audio_path", None)
         if self.audio_watch is None or self.audio_device is None or path is None:
             return None
@@ -188,9 +190,11 @@ class Observation:
                                      start_host_ns=start_ns, end_host_ns=end_ns)
         if analysis.summary.dropped_frames or analysis.outages:
             # a drop QEMU's HDA codec made itself, or a stall of QEMU itself (its host
-            # fell behind), is not the guest's
-            trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns,
-                                  self._trace_offset)
+            # fell behind), is not the guest's; QEMU's trace of this observation, unless
+            # the caller read it already
+            if trace is None:
+                trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns,
+                                      self._trace_offset)
             analysis = analysis.excuse_emulator_drops(
                 [e.t_host_ns for e in trace if e.kind == Kind.AUDIO_OVERRUN],
                 [(e.t_host_ns, e.duration_ns or 0) for e in trace
@@ -207,9 +211,10 @@ class Observation:
                                "(audio_timer_delayed); not counted as outages")
         return analysis
 
-    def _audio_events(self, pauses: tuple[clock.Pause, ...], *, final: bool) -> list[Event]:
+    def _audio_events(self, pauses: tuple[clock.Pause, ...], *, final: bool,
+                      trace: list[Event] | None = None) -> list[Event]:
         try:
-            analysis = self.audio_analysis(pauses, final=final)
+            analysis = self.audio_analysis(pauses, final=final, trace=trace)
         except (OSError, LabError) as exc:
             self.m.run.log(f"audio analysis failed: {exc}")
             return []
@@ -243,7 +248,8 @@ class Observation:
         trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns,
                               self._trace_offset)
         console_events = events_from_console(lines)
-        audio_events = self._audio_events(clock.pauses_from_events(host), final=True)
+        audio_events = self._audio_events(clock.pauses_from_events(host), final=True,
+                                          trace=trace)
         meta: dict[str, Any] = {"accelerator": self.m.accel.name if self.m.accel else None,
                                 "samples": {"two_way": sum(1 for s in samples if s.kind == "two-way"),
                                             "one_way": sum(1 for s in samples if s.kind != "two-way")},

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from lab.audio_analysis import EMULATOR_OVERRUN
 from lab.events import Event, Kind, Source
 from lab.results import Violation
 from lab.rules.base import RuleContext, ms, register, violation
@@ -58,7 +59,7 @@ class AudioRules:
             elif ev.kind == Kind.AUDIO_DISCONTINUITY:
                 # a buffer QEMU's codec dropped itself (hda_audio_overrun, a host too
                 # slow: lab.audio_analysis.excuse_emulator_drops) is no glitch of the guest
-                if ev.data.get("cause") != "emulator-overrun":
+                if ev.data.get("cause") != EMULATOR_OVERRUN:
                     glitches.setdefault(label, []).append(ev)
             elif ev.kind == Kind.AUDIO_RESUMED and lim.audio_max_outage_ms is not None:
                 dur = ev.duration_ns or 0

@@ -39,6 +39,14 @@ class QemuTraceParser:
     command: dict[str, int] = field(default_factory=dict)
     unparsed: int = 0
 
+    def _args(self, pattern: re.Pattern[str], args: str) -> re.Match[str] | None:
+        """An event's arguments in the format its trace-events line prints, or None and
+        the line counted as not understood."""
+        a = pattern.match(args)
+        if a is None:
+            self.unparsed += 1
+        return a
+
     def parse_line(self, line: str) -> list[Event]:
         m = _LINE_RE.match(line.strip())
         if not m:
@@ -50,9 +58,8 @@ class QemuTraceParser:
         name, args = m[4], m[5]
         raw = {"trace": name, "args": args, "pid": int(m[1])}
         if name in ("pci_update_mappings_add", "pci_update_mappings_del"):
-            a = _MAP_RE.match(args)
-            if not a:
-                self.unparsed += 1
+            a = self._args(_MAP_RE, args)
+            if a is None:
                 return []
             bdf = _bdf(a[2], a[3], a[4])
             kind = Kind.BAR_MAPPED if name.endswith("add") else Kind.BAR_UNMAPPED
@@ -63,9 +70,8 @@ class QemuTraceParser:
             # hw/audio/trace-events: hda_audio_overrun(const char *stream) "st %s"; the
             # codec's stream is named, not its PCI function: the audio lane's device
             # (one player per capture) is the one it concerns
-            a = _OVERRUN_RE.match(args)
-            if not a:
-                self.unparsed += 1
+            a = self._args(_OVERRUN_RE, args)
+            if a is None:
                 return []
             return [Event(t, Source.HOST_TRACE, Kind.AUDIO_OVERRUN, None,
                           data={**raw, "stream": a[1]})]
@@ -73,16 +79,14 @@ class QemuTraceParser:
             # audio/trace-events: audio_timer_delayed(int interval) "interval %d ms": the
             # audio timer ran this long after its last run (over 1.5 periods): QEMU did
             # not run meanwhile, so neither did what it plays
-            a = _DELAYED_RE.match(args)
-            if not a:
-                self.unparsed += 1
+            a = self._args(_DELAYED_RE, args)
+            if a is None:
                 return []
             return [Event(t, Source.HOST_TRACE, Kind.AUDIO_TIMER_LATE, None,
                           int(a[1]) * 1_000_000, data={**raw, "interval_ms": int(a[1])})]
         if name == "pci_cfg_write":
-            a = _CFG_RE.match(args)
-            if not a:
-                self.unparsed += 1
+            a = self._args(_CFG_RE, args)
+            if a is None:
                 return []
             bdf = _bdf(a[2], a[3], a[4])
             offset, val = int(a[5], 16), int(a[6], 16)
