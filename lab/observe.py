@@ -244,7 +244,10 @@ class Observation:
         host = [e for e in self.m.run.events
                 if e.t_host_ns >= self.start_ns and e.source != Source.HOST_TRACE]
         # a QMP stop/cont stops the guest clock under TCG: the fit is piecewise between pauses
-        alignment = clock.estimate(samples, pauses=clock.pauses_from_events(host))
+        # under --record the guest clock counts instructions: monotone, not linear
+        fit = (clock.estimate_monotone if getattr(self.m, "record", None) is not None
+               else clock.estimate)
+        alignment = fit(samples, pauses=clock.pauses_from_events(host))
         trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns,
                               self._trace_offset)
         console_events = events_from_console(lines)

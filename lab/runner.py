@@ -757,6 +757,11 @@ class ScenarioRunner:
         st.step_started_ns = t0
         ok = True
         detail = ""
+        # under --record a clock anchor at both ends of each step (clock.estimate_monotone):
+        # what the guest logged during the step is then placed inside it
+        marks = getattr(m, "record", None) is not None
+        if marks:
+            st.obs.guest.mark()
         try:
             detail = self._dispatch(m, st, step, since_ns=prev) or ""
         except StepFailed as exc:
@@ -773,6 +778,8 @@ class ScenarioRunner:
             with st.lock:
                 st.timings.append(StepTiming(_label_step(step), t0, time.time_ns() - t0, ok,
                                              detail))
+            if marks:
+                st.obs.guest.mark()
 
     def _dispatch(self, m: Machine, st: IterationState, step: Step, *, since_ns: int) -> str | None:
         """Run one step: the step kind does it (``lab.steps``), with what this runner,

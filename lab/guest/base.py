@@ -199,6 +199,11 @@ class GuestTrace(abc.ABC):
         """Clock samples found in this observation's console lines."""
         return []
 
+    def mark(self) -> None:
+        """Clock evidence at a step boundary, where the guest gives it without a wait
+        (default: none). The runner asks for it under ``--record``, whose guest clock
+        is not linear in host time (``clock.estimate_monotone``)."""
+
     def source_alignment(self) -> dict[Source, clock.Alignment] | None:
         """A fixed alignment per source, where the guest's clock is not fitted from samples."""
         return None

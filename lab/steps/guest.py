@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import field_validator, model_validator
 
+from lab.events import Event, Kind, Source
 from lab.scenario.units import Bool, Duration, Name, Str
 from lab.steps.base import (ParseContext, PropValue, StepBase, StepContext, StepFailed, Job,
                             mapping_or, step_kind, validate_args)
@@ -80,7 +81,16 @@ class Guest(StepBase):
             ctx.jobs[name] = Job(name, command, chan, self.check, time.time_ns())
             return f"started {name}"
         timeout = self.timeout.seconds if self.timeout else 60.0
-        r = m.agent.run(command, timeout=timeout)
+        t0 = time.time_ns()
+        try:
+            r = m.agent.run(command, timeout=timeout)
+        finally:
+            # the command is a phase of the iteration, named as its failure is: what the
+            # guest logged while it ran (an oops in the race a guest command drives, as in
+            # race-planted-recorded) reads "race", not "after:module"
+            m.run.record(Event(t0, Source.HOST_LAB, Kind.OPERATION,
+                               duration_ns=time.time_ns() - t0,
+                               data={"name": self.name or "guest"}))
         ctx.guest_log(f"$ {command}\n[exit {r.exit_status}]\n{r.stdout}{r.stderr}\n")
         if self.check and not r.ok:
             # a named check gets its own signature (guest.command@guest/<name>)

@@ -73,6 +73,10 @@ def test_recorded_no_drain_oops_replays_exactly(image: GuestImage, tmp_path: Pat
     k = it["index"]
     oops = [v for v in it["violations"] if v["rule"] == "kernel.oops"]
     assert oops and "unable to handle page fault" in oops[0]["message"], it["violations"]
+    # placed in the guest step that drove the race, though the recorded guest clock
+    # counts instructions (the monotone fit, with a sync token at both ends of each step)
+    assert oops[0]["phase"] == "race", oops[0]
+    assert s["signatures"][0]["signature"] == "kernel.oops@guest/race", s["signatures"]
     # kept because it failed, in the run's private directory; passing ones were dropped
     rec = run / "iterations" / str(k) / "record"
     assert it["artifacts"]["recording"] == f"iterations/{k}/record"

@@ -252,7 +252,7 @@ def test_oops_facts_and_the_comparison(tmp_path: Path) -> None:
     (rep / "console.log").write_text(OOPS_CONSOLE.replace("08:13:4", "08:20:4"))
     for d in (it_dir / "vm", rep):
         (d / "guest-trace.txt").write_text("")
-    same = compare(it_dir, rep, ["kernel.oops@guest/after:module"])
+    same = compare(it_dir, rep, ["kernel.oops@guest/race"])
     assert same.same_run and same.reproduced, same.to_json()
     assert (rep / "timeline.jsonl").is_file()
     # one guest timestamp off: not the same run (the oops still reproduces)
