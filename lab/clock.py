@@ -485,15 +485,10 @@ def estimate(samples: Iterable[SyncSample], *, pauses: Iterable[Pause] = (),
                      rejected=sum(s.rejected for s in final), notes=tuple(notes), pauses=ps)
 
 
-#: anchors of a monotone fit closer than this (guest time) are one cluster: a sync burst
-#: gives 24 samples a few ms apart, and a line between two of them says nothing
-MONOTONE_CLUSTER_NS = 50_000_000
-
-
 def estimate_monotone(samples: Iterable[SyncSample], *, pauses: Iterable[Pause] = (),
                       ) -> Alignment:
-    """Fit a guest clock that is monotone but not linear in host time: piecewise lines
-    through the tightest two-way sample of each cluster.
+    """Fit a guest clock that is monotone but not linear in host time: a polyline
+    inside every sample's interval.
 
     Why: under QEMU's ``-icount shift=auto`` (``--record``) the guest clock counts
     executed instructions times 2**shift, and QEMU re-tunes shift as the host keeps up
@@ -502,12 +497,14 @@ def estimate_monotone(samples: Iterable[SyncSample], *, pauses: Iterable[Pause] 
     in a guest-driven race was placed in the module load before it. What still holds is
     that both clocks only move forward. So for guest instants ``g_a < g < g_b`` with
     ``host(g_a) >= L_a`` and ``host(g_b) <= U_b``, ``host(g)`` lies in ``[L_a, U_b]``;
-    the line between the two anchors' midpoints is at most ``max(M_b - L_a, U_b - M_a)``
-    from it, which is the segment's guaranteed bound. Bounds are first tightened by
+    a line between points ``P_a <= P_b`` inside the anchors' intervals is at most
+    ``max(P_b - L_a, U_b - P_a)`` from it, which is the segment's guaranteed bound. Bounds are first tightened by
     order (``L`` the latest floor before, ``U`` the earliest ceiling after), so every
-    console line after a token is an anchor too. The bound is as good as the anchors are
-    dense: the runner sends a token at both ends of each step under ``--record``
-    (``GuestTrace.mark``), so an event is placed within the step it happened in.
+    console or kprobe line after a token is an anchor too, and the polyline keeps every
+    sample's floor and ceiling at its own instant (merged segments are checked against
+    the anchors they skip). The bound is as good as the anchors are dense: the runner
+    sends a token at both ends of each step under ``--record`` (``GuestTrace.mark``),
+    so an event is placed within the step it happened in.
 
     Falls back to ``estimate`` (one line per stretch between pauses) when there are
     pauses (QMP stop/cont is refused under --record anyway), fewer than one two-way
@@ -542,39 +539,88 @@ def estimate_monotone(samples: Iterable[SyncSample], *, pauses: Iterable[Pause] 
         return replace(fallback, notes=fallback.notes + (
             f"monotone fit refused: {len(bad)} sample(s) contradict a forward-moving "
             f"clock by up to {max(bad) / 1e6:.3f} ms; fitted with lines instead",))
-    # the tightest anchor of each cluster: (g, L, U). A console line (one-way) is an
-    # anchor too once a token before it gives it a floor: the line of an oops bounds
-    # the oops from above, however late the next token's echo comes
+    # every sample with a floor and a ceiling is an anchor: (g, L, U), one per guest
+    # instant (the tightest). A console or kprobe line (one-way) has a floor once a
+    # token before it gives one: the line of an oops bounds the oops from above, however
+    # late the next token's echo comes
     anchors: list[tuple[int, int, int]] = []
     for i, lo_i, hi_i in both:
         g = ordered[i].g_ns
-        if anchors and g - anchors[-1][0] < MONOTONE_CLUSTER_NS:
-            if hi_i - lo_i < anchors[-1][2] - anchors[-1][1]:
-                anchors[-1] = (g, lo_i, hi_i)
+        if anchors and g == anchors[-1][0]:
+            anchors[-1] = (g, max(lo_i, anchors[-1][1]), min(hi_i, anchors[-1][2]))
             continue
         anchors.append((g, lo_i, hi_i))
     if not anchors:
         return estimate(all_samples)
     used = sum(1 for i, _, _ in both if ordered[i].kind == "two-way")
-    segs: list[Segment] = []
+    # the point each anchor puts the line through. A token's interval is narrow: its
+    # middle. A console or kprobe line's reaches back to the last token (seconds, in a
+    # long step) but the line was relayed at once: its receipt less the quickest
+    # token's half-width. Kept non-decreasing, so inside [L, U] still. Only the estimate
+    # depends on this choice; the bounds hold for any such points.
+    two_way_g = {ordered[i].g_ns for i, _, _ in both if ordered[i].kind == "two-way"}
+    d0 = min(((hi - lo) // 2 for g, lo, hi in anchors if g in two_way_g), default=0)
+    points: list[int] = []
+    for g, lo_a, hi_a in anchors:
+        p = (lo_a + hi_a) // 2 if g in two_way_g else max(lo_a, hi_a - d0)
+        points.append(max(p, points[-1]) if points else p)
     if len(anchors) == 1:
-        g, lo_a, hi_a = anchors[0]
-        segs.append(Segment(offset_ns=(lo_a + hi_a) // 2 - g, skew_ppm=0.0, ref_guest_ns=g,
-                            bound_ns=math.ceil((hi_a - lo_a) / 2) + 1, n_samples=used,
-                            method="monotone", g_lo_ns=g, g_hi_ns=g,
-                            skew_err_ppm=MONOTONE_OUTSIDE_PPM))
-    for k, ((ga, la, ua), (gb, lb, ub)) in enumerate(zip(anchors, anchors[1:])):
-        ma, mb = (la + ua) / 2, (lb + ub) / 2
-        skew = ((mb - gb) - (ma - ga)) / (gb - ga)        # ns of offset per ns of guest
-        bound = max(mb - la, ub - ma)
-        segs.append(Segment(offset_ns=round(ma) - ga, skew_ppm=skew * 1e6, ref_guest_ns=ga,
+        (g, lo_a, hi_a), p = anchors[0], points[0]
+        seg = Segment(offset_ns=p - g, skew_ppm=0.0, ref_guest_ns=g,
+                      bound_ns=max(p - lo_a, hi_a - p) + 1, n_samples=used, method="monotone",
+                      g_lo_ns=g, g_hi_ns=g, skew_err_ppm=MONOTONE_OUTSIDE_PPM)
+        return Alignment(segments=(seg,), n_samples=used, notes=_monotone_note(1, used, both))
+    segs: list[Segment] = []
+    for k, (a, b) in enumerate(_simplify(anchors, points)):
+        (ga, _, _), (gb, _, _) = anchors[a], anchors[b]
+        pa, pb = points[a], points[b]
+        slope = (pb - pa) / (gb - ga)                     # host ns per guest ns
+
+        def line(g: int) -> float:
+            return pa + slope * (g - ga)
+        # between consecutive anchors i, i+1 the truth is in [L_i, U_{i+1}] (both clocks
+        # go forward) and the line between line(g_i) and line(g_{i+1})
+        bound = max(max(line(anchors[i + 1][0]) - anchors[i][1],
+                        anchors[i + 1][2] - line(anchors[i][0])) for i in range(a, b))
+        segs.append(Segment(offset_ns=pa - ga, skew_ppm=(slope - 1.0) * 1e6, ref_guest_ns=ga,
                             bound_ns=math.ceil(bound) + 1, n_samples=used, method="monotone",
                             g_start_ns=None if k == 0 else ga, g_lo_ns=ga, g_hi_ns=gb,
                             skew_err_ppm=MONOTONE_OUTSIDE_PPM))
-    notes = (f"guest clock counts instructions (icount): monotone fit, piecewise through "
-             f"{len(anchors)} anchor(s) from {used} two-way and {len(both) - used} one-way "
-             "sample(s)",)
-    return Alignment(segments=tuple(segs), n_samples=used, notes=notes)
+    return Alignment(segments=tuple(segs), n_samples=used,
+                     notes=_monotone_note(len(segs) + 1, used, both))
+
+
+#: at most this many anchors merged into one segment (the check is quadratic in it)
+MONOTONE_MAX_MERGE = 256
+
+
+def _monotone_note(kept: int, used: int, both: Sequence[tuple[int, int, int]]) -> tuple[str]:
+    return (f"guest clock counts instructions (icount): monotone fit, piecewise through "
+            f"{kept} anchor(s) from {used} two-way and {len(both) - used} one-way sample(s)",)
+
+
+def _simplify(anchors: Sequence[tuple[int, int, int]], points: Sequence[int]
+              ) -> list[tuple[int, int]]:
+    """Segments (anchor index pairs) of the polyline through ``points``, merged while
+    the merged line stays inside every skipped anchor's ``[L, U]``: every sample's
+    floor and ceiling still hold at its own instant, with a few segments instead of one
+    per console line."""
+    out: list[tuple[int, int]] = []
+    a, n = 0, len(anchors)
+    while a < n - 1:
+        b = a + 1
+        while b + 1 < n and b + 1 - a <= MONOTONE_MAX_MERGE and _fits(anchors, points, a, b + 1):
+            b += 1
+        out.append((a, b))
+        a = b
+    return out
+
+
+def _fits(anchors: Sequence[tuple[int, int, int]], points: Sequence[int], a: int, b: int) -> bool:
+    ga, gb = anchors[a][0], anchors[b][0]
+    slope = (points[b] - points[a]) / (gb - ga)
+    return all(anchors[i][1] <= points[a] + slope * (anchors[i][0] - ga) <= anchors[i][2]
+               for i in range(a + 1, b))
 
 
 #: outside its anchors a monotone segment's bound grows one for one: nothing but order

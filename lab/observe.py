@@ -24,7 +24,7 @@ from lab.events import DeviceId, Event, Kind, Source
 from lab.guest.base import GuestTrace
 from lab import operations as ops
 from lab.machine import Machine
-from lab.timeline import DeviceBinding, Timeline
+from lab.timeline import RECV_KEY, DeviceBinding, Timeline
 from lab.tracers.kernel_log import events_from_console
 from lab.tracers.qemu_trace import QemuTraceParser
 
@@ -57,6 +57,18 @@ def _trace_offset(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def kprobe_samples(events: list[Event]) -> list[clock.SyncSample]:
+    """One-way clock samples from kprobe events: guest stamp, host receipt (the event's
+    host time until the timeline aligns it and keeps the receipt in its data)."""
+    out: list[clock.SyncSample] = []
+    for e in events:
+        recv = e.data.get(RECV_KEY, e.t_host_ns)
+        if e.source == Source.GUEST_KPROBE and e.t_guest_ns is not None \
+                and isinstance(recv, int):
+            out.append(clock.SyncSample.one_way(e.t_guest_ns, recv))
+    return out
 
 
 def _trace_events(path: Path, since_ns: int, offset: int = 0) -> list[Event]:
@@ -244,10 +256,16 @@ class Observation:
         host = [e for e in self.m.run.events
                 if e.t_host_ns >= self.start_ns and e.source != Source.HOST_TRACE]
         # a QMP stop/cont stops the guest clock under TCG: the fit is piecewise between pauses
-        # under --record the guest clock counts instructions: monotone, not linear
-        fit = (clock.estimate_monotone if getattr(self.m, "record", None) is not None
-               else clock.estimate)
-        alignment = fit(samples, pauses=clock.pauses_from_events(host))
+        if getattr(self.m, "record", None) is not None:
+            # under --record the guest clock counts instructions: monotone, not linear,
+            # and only as good as its anchors are dense. The kprobe stream is stamped by
+            # the same clock as the console (trace_clock "global" is printk's), and each
+            # line's receipt is a ceiling: during a 4 s slow remove() the console is
+            # silent, but the probes are not
+            samples = samples + kprobe_samples(guest_events)
+            alignment = clock.estimate_monotone(samples, pauses=clock.pauses_from_events(host))
+        else:
+            alignment = clock.estimate(samples, pauses=clock.pauses_from_events(host))
         trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns,
                               self._trace_offset)
         console_events = events_from_console(lines)

@@ -184,7 +184,14 @@ class Span:
 
     @property
     def duration_ns(self) -> int | None:
+        """Measured by the clock that stamped both ends when there is one: no alignment
+        error, and it is the time the driver lived through (under ``--record`` the
+        guest clock counts instructions, and a msleep(4000) in remove() passed in about
+        a second of host time while the guest idled). Otherwise on the host clock."""
         if self.enter is not None and self.exit is not None:
+            g_in, g_out = self.enter.t_guest_ns, self.exit.t_guest_ns
+            if g_in is not None and g_out is not None and self.enter.source == self.exit.source:
+                return g_out - g_in
             return self.exit.t_host_ns - self.enter.t_host_ns
         if self.exit is not None and self.exit.duration_ns is not None:
             return self.exit.duration_ns

@@ -155,6 +155,13 @@ def test_property_the_true_instant_is_within_the_bound_between_the_anchors(
     for g in range(lo, hi, (hi - lo) // 97 or 1):
         bound = a.bound_at(g)
         assert bound is not None and abs(a.to_host(g) - c.host(g)) <= bound
+    # and every sample's own ceiling holds at its instant (a line relayed at time h was
+    # never placed after h), its floor too where it has one
+    for x in s:
+        if lo <= x.g_ns <= hi:
+            assert x.not_after_ns is None or a.to_host(x.g_ns) <= x.not_after_ns + 1
+            assert x.not_before_ns is None or \
+                a.to_host(x.g_ns) >= x.not_before_ns - x.g_resolution_ns - 1
 
 
 def test_the_console_line_of_an_event_bounds_it_when_the_next_token_echoes_late() -> None:
@@ -174,3 +181,25 @@ def test_the_console_line_of_an_event_bounds_it_when_the_next_token_echoes_late(
     assert c.host(15_420 * MS) - 1 * MS <= h <= c.host(oops_g) + 18 * MS
     bound = a.bound_at(oops_g)
     assert bound is not None and abs(h - c.host(oops_g)) <= bound
+
+
+def test_a_line_relayed_at_once_is_placed_near_its_receipt_in_a_long_silent_step() -> None:
+    """Seen under --record with the planted slow remove(): 4 s with no token echoed.
+    The kprobe line of remove()'s return reaches back to the step's token (a 4 s
+    interval); its middle put the return 2.1 s after the entry where the receipts said
+    4.2 s. A line is relayed at once, so it is placed at its receipt less the quickest
+    token's half-width, and the bound still holds."""
+    c = Clock([(10_000 * MS, H0), (20_000 * MS, H0 + 10_000 * MS)])
+    rng = random.Random(4)
+    s = burst(c, 10_000 * MS, rng, 6) + burst(c, 19_000 * MS, rng, 6)
+    s.append(two_way(c, 12_000 * MS, 1 * MS, 2 * MS))                  # the step's token
+    enter_g, exit_g = 12_060 * MS, 16_300 * MS
+    s += [SyncSample.one_way(enter_g, c.host(enter_g) + 4 * MS),
+          SyncSample.one_way(exit_g, c.host(exit_g) + 6 * MS)]
+    a = estimate_monotone(s)
+    assert abs(a.to_host(exit_g) - c.host(exit_g)) <= 10 * MS
+    measured = a.to_host(exit_g) - a.to_host(enter_g)
+    assert abs(measured - (c.host(exit_g) - c.host(enter_g))) <= 15 * MS
+    for g in (enter_g, exit_g, 14_000 * MS):
+        bound = a.bound_at(g)
+        assert bound is not None and abs(a.to_host(g) - c.host(g)) <= bound
