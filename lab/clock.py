@@ -498,8 +498,9 @@ def estimate_monotone(samples: Iterable[SyncSample], *, pauses: Iterable[Pause] 
     that both clocks only move forward. So for guest instants ``g_a < g < g_b`` with
     ``host(g_a) >= L_a`` and ``host(g_b) <= U_b``, ``host(g)`` lies in ``[L_a, U_b]``;
     a line between points ``P_a <= P_b`` inside the anchors' intervals is at most
-    ``max(P_b - L_a, U_b - P_a)`` from it, which is the segment's guaranteed bound. Bounds are first tightened by
-    order (``L`` the latest floor before, ``U`` the earliest ceiling after), so every
+    ``max(P_b - L_a, U_b - P_a)`` from it, which is the segment's guaranteed bound.
+    Bounds are first tightened by order (``L`` the latest floor before, ``U`` the
+    earliest ceiling after), so every
     console or kprobe line after a token is an anchor too, and the polyline keeps every
     sample's floor and ceiling at its own instant (merged segments are checked against
     the anchors they skip). The bound is as good as the anchors are dense: the runner
@@ -507,8 +508,8 @@ def estimate_monotone(samples: Iterable[SyncSample], *, pauses: Iterable[Pause] 
     so an event is placed within the step it happened in.
 
     Falls back to ``estimate`` (one line per stretch between pauses) when there are
-    pauses (QMP stop/cont is refused under --record anyway), fewer than one two-way
-    sample, or samples that contradict monotonicity.
+    pauses (QMP stop/cont is refused under --record anyway), no two-way sample, or
+    samples that contradict monotonicity.
     """
     all_samples = list(samples)
     ps = _merge_pauses(pauses)

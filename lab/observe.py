@@ -256,6 +256,7 @@ class Observation:
         host = [e for e in self.m.run.events
                 if e.t_host_ns >= self.start_ns and e.source != Source.HOST_TRACE]
         # a QMP stop/cont stops the guest clock under TCG: the fit is piecewise between pauses
+        pauses = clock.pauses_from_events(host)
         if getattr(self.m, "record", None) is not None:
             # under --record the guest clock counts instructions: monotone, not linear,
             # and only as good as its anchors are dense. The kprobe stream is stamped by
@@ -263,14 +264,13 @@ class Observation:
             # line's receipt is a ceiling: during a 4 s slow remove() the console is
             # silent, but the probes are not
             samples = samples + kprobe_samples(guest_events)
-            alignment = clock.estimate_monotone(samples, pauses=clock.pauses_from_events(host))
+            alignment = clock.estimate_monotone(samples, pauses=pauses)
         else:
-            alignment = clock.estimate(samples, pauses=clock.pauses_from_events(host))
+            alignment = clock.estimate(samples, pauses=pauses)
         trace = _trace_events(self.m.artifacts / "qemu-trace.log", self.start_ns,
                               self._trace_offset)
         console_events = events_from_console(lines)
-        audio_events = self._audio_events(clock.pauses_from_events(host), final=True,
-                                          trace=trace)
+        audio_events = self._audio_events(pauses, final=True, trace=trace)
         meta: dict[str, Any] = {"accelerator": self.m.accel.name if self.m.accel else None,
                                 "samples": {"two_way": sum(1 for s in samples if s.kind == "two-way"),
                                             "one_way": sum(1 for s in samples if s.kind != "two-way")},

@@ -758,9 +758,10 @@ class ScenarioRunner:
         ok = True
         detail = ""
         # under --record a clock anchor at both ends of each step (clock.estimate_monotone):
-        # what the guest logged during the step is then placed inside it
+        # what the guest logged during the step is then placed inside it. The end of one
+        # step is the start of the next, so a start has its own only before the first
         marks = getattr(m, "record", None) is not None
-        if marks:
+        if marks and not st.timings:
             st.obs.guest.mark()
         try:
             detail = self._dispatch(m, st, step, since_ns=prev) or ""
